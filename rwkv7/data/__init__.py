@@ -1,0 +1,1 @@
+"""Token data: binidx files, the official sampler, generated and downloaded corpora."""

@@ -1,0 +1,280 @@
+"""Recipes are data: recipes/<name>.toml → a typed, validated Recipe.
+
+Sections: [model] the architecture, [data] where tokens come from, [train] optimiser/schedule/hardware, [check] the
+expected log and its tolerance. Unknown sections or keys are errors; `--set section.key=value` overrides any key with
+a value parsed to that key's type. Every check here runs before data is read or a model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rwkv7.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+MINI_EPOCH_SAMPLES = 40320  # official: a mini-epoch is always 40320 samples (= 8!), docs/ALIGNMENT.md
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 12
+    n_embd: int = 768
+    vocab_size: int = 65536
+    head_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    source: str = "binidx"       # binidx (a local prefix) | hub (huggingface_hub download) | synthetic (generated)
+    path: str = ""               # binidx prefix (binidx), or where to write the generated corpus (synthetic)
+    hub_repo: str = ""           # hub: dataset repo id
+    hub_files: list = field(default_factory=list)  # hub: [idx path, bin path] inside the repo
+    hub_revision: str = ""
+    sha256: dict = field(default_factory=dict)     # file name → expected sha256 (optional)
+    data_dir: str = "data"       # hub: local folder for downloads (relative to the working directory)
+    val_path: str = ""           # optional held-out binidx prefix, reported as validation loss
+    magic_prime: int = 0         # 0: computed from the data size and ctx_len
+    my_exit_tokens: int = 0      # 0: the data's token count (the official demo passes exactly that)
+    synthetic_tokens: int = 400_000
+    synthetic_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    ctx_len: int = 512
+    micro_bsz: int = 16
+    lr_init: float = 6e-4
+    lr_final: float = 6e-5
+    warmup_steps: int = 10
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 1e-18
+    weight_decay: float = 0.001
+    grad_clip: float = 1.0
+    grad_cp: int = 1
+    epoch_save: int = 10
+    epoch_count: int = 0         # mini-epochs to train in total; 0: until my_exit_tokens, as the official trainer
+    epoch_steps: int = 0         # steps per mini-epoch; 0: the official 40320 // real_bsz
+    precision: str = "bf16"      # bf16 (DeepSpeed, GPU) | fp32
+    strategy: str = "deepspeed_stage_2"
+    accelerator: str = "gpu"     # gpu | cpu
+    devices: int = 1
+    num_nodes: int = 1
+    ds_bucket_mb: int = 200
+    seed: int = 0
+    init_bf16_round: bool = True  # the official rwkv-init.pth is saved in bf16, so training starts from bf16 values
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 0        # non-finite losses tolerated (skipped) before the run stops
+    num_workers: int = 1
+
+
+@dataclass
+class CheckConfig:
+    expected: str = ""           # path relative to recipes/ (or absolute); empty: no check
+    tolerance: float = 0.02      # absolute, per mini-epoch
+    rel_tolerance: float = 0.0
+    max_outliers: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+
+    @property
+    def real_bsz(self) -> int:
+        return self.train.micro_bsz * self.train.devices * self.train.num_nodes
+
+    @property
+    def epoch_steps(self) -> int:
+        return self.train.epoch_steps or MINI_EPOCH_SAMPLES // self.real_bsz
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.real_bsz * self.train.ctx_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the numbers a run produces (not its length, saving or hardware count)."""
+        d = self.to_dict()
+        for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers"):
+            d["train"].pop(k)
+        d.pop("check")
+        d.pop("description")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def expected_log(self) -> Path | None:
+        if not self.check.expected:
+            return None
+        p = Path(self.check.expected)
+        return p if p.is_absolute() else RECIPES_DIR / p
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "check": CheckConfig}
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
+    name = f"{section}.{key}"
+    typ = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(typ, typ)
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            return value
+        elif isinstance(value, float) and value.is_integer():
+            return int(value)
+        elif isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ in (list, dict):
+        if isinstance(value, typ):
+            return value
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+                if isinstance(parsed, typ):
+                    return parsed
+            except json.JSONDecodeError:
+                pass
+    raise UserError(f"{name} must be a {typ.__name__}, got {value!r}")
+
+
+def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> None:
+    if section not in SECTIONS:
+        raise UserError(f"{origin}: unknown section [{section}]; sections are {', '.join(SECTIONS)}")
+    obj = getattr(recipe, section)
+    known = {f.name: f.type for f in fields(obj)}
+    if key not in known:
+        raise UserError(f"{origin}: unknown key {section}.{key}; valid keys: {', '.join(sorted(known))}")
+    setattr(obj, key, _coerce(section, key, value, known[key]))
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: write it as section.key=value, e.g. --set train.micro_bsz=8")
+    lhs, value = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    return section, key, value.strip()
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple = ()) -> Recipe:
+    """Load a named recipe (recipes/<name>.toml) or a .toml path, apply `section.key=value` overrides, validate."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        path = RECIPES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown recipe {name_or_path!r}: choose one of {', '.join(available())} "
+                        "(`rwkv7 recipes` lists them) or give a path to a .toml file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    recipe = Recipe(name=path.stem, description=str(raw.pop("description", "")))
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: top-level key {section!r} must be a [section]")
+        for key, value in values.items():
+            _apply(recipe, section, key, value, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(recipe, section, key, value, f"--set {text}")
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    m, d, t, c = r.model, r.data, r.train, r.check
+    positive = {"model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.vocab_size": m.vocab_size,
+                "model.head_size": m.head_size, "train.ctx_len": t.ctx_len, "train.micro_bsz": t.micro_bsz,
+                "train.devices": t.devices, "train.num_nodes": t.num_nodes, "train.epoch_save": t.epoch_save,
+                "train.lr_init": t.lr_init, "train.adam_eps": t.adam_eps, "train.keep_checkpoints": t.keep_checkpoints}
+    for name, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{name} must be > 0, got {value}")
+    nonneg = {"train.lr_final": t.lr_final, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+              "train.epoch_count": t.epoch_count, "train.epoch_steps": t.epoch_steps,
+              "train.max_bad_steps": t.max_bad_steps, "data.magic_prime": d.magic_prime,
+              "data.my_exit_tokens": d.my_exit_tokens, "check.tolerance": c.tolerance,
+              "check.rel_tolerance": c.rel_tolerance, "check.max_outliers": c.max_outliers,
+              "train.num_workers": t.num_workers}
+    for name, value in nonneg.items():
+        if value < 0:
+            raise UserError(f"{name} must be >= 0, got {value}")
+    if m.n_embd % m.head_size:
+        raise UserError(f"model.n_embd ({m.n_embd}) must be a multiple of model.head_size ({m.head_size})")
+    if m.n_embd % 32:
+        raise UserError(f"model.n_embd ({m.n_embd}) must be a multiple of 32 (the official LoRA ranks assume it)")
+    if m.n_layer < 2:
+        raise UserError("model.n_layer must be >= 2 (the official init divides by n_layer - 1)")
+    if m.vocab_size > 65536 and d.source != "synthetic":
+        raise UserError(f"model.vocab_size {m.vocab_size} > 65536 cannot be stored in uint16 binidx data")
+    if t.lr_final > t.lr_init:
+        raise UserError(f"train.lr_final ({t.lr_final}) must be <= train.lr_init ({t.lr_init})")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        raise UserError(f"train.beta1/beta2 must lie in [0, 1), got {t.beta1}/{t.beta2}")
+    if t.precision not in ("bf16", "fp32"):
+        raise UserError(f"train.precision must be bf16 or fp32, got {t.precision!r}")
+    if t.accelerator not in ("gpu", "cpu"):
+        raise UserError(f"train.accelerator must be gpu or cpu, got {t.accelerator!r}")
+    strategies = ("auto", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+                  "deepspeed_stage_3_offload")
+    if t.strategy not in strategies:
+        raise UserError(f"train.strategy {t.strategy!r} unknown; choose one of {', '.join(strategies)}")
+    if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy != "auto"):
+        raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto "
+                        "(DeepSpeed and bf16 training are GPU paths)")
+    if t.accelerator == "gpu" and t.ctx_len % 16:
+        raise UserError(f"train.ctx_len ({t.ctx_len}) must be a multiple of 16 for the CUDA wkv7 kernel")
+    if not t.epoch_steps and MINI_EPOCH_SAMPLES % r.real_bsz:
+        raise UserError(f"micro_bsz x devices x num_nodes = {r.real_bsz} must divide {MINI_EPOCH_SAMPLES} "
+                        "(the official mini-epoch size), or set train.epoch_steps explicitly")
+    if d.source not in ("binidx", "hub", "synthetic"):
+        raise UserError(f"data.source must be binidx, hub or synthetic, got {d.source!r}")
+    if d.source == "binidx" and not d.path:
+        raise UserError("data.source=binidx needs data.path=PREFIX (the binidx files without .bin/.idx); "
+                        "make one with `rwkv7 prepare`")
+    if d.source == "hub" and (not d.hub_repo or len(d.hub_files) != 2):
+        raise UserError("data.source=hub needs data.hub_repo and data.hub_files = [idx path, bin path]")
+    if d.source == "synthetic" and d.synthetic_tokens < 16 * t.ctx_len:
+        raise UserError(f"data.synthetic_tokens ({d.synthetic_tokens}) must be at least 16 x ctx_len")
+    exp = r.expected_log()
+    if exp is not None and not exp.is_file():
+        raise UserError(f"check.expected file {exp} not found: fix the path or set check.expected=''")
