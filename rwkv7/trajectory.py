@@ -386,7 +386,8 @@ def plot_check(result: CheckResult, actual: Sequence[EpochRecord], expected: Seq
         if lr_e:
             ax2.plot(*zip(*lr_e), ":", color="tab:gray", linewidth=1.3, label="expected lr (right axis)")
         if lr_a:
-            ax2.plot(*zip(*lr_a), "-", color="tab:green", linewidth=1.0, alpha=0.6, label="actual lr (right axis)")
+            ax2.plot(*zip(*lr_a), "-", color="tab:green", marker=".", markersize=4, linewidth=1.0, alpha=0.6,
+                     label="actual lr (right axis)")
         # lr axis from 0, so a slow cosine looks slow and the lr lines stay out of the way of the loss curves
         lr_max = max([v for _, v in lr_e + lr_a] or [1.0])
         ax2.set_ylim(0, lr_max * 1.08 if lr_max > 0 else 1.0)
