@@ -80,9 +80,14 @@ def open_binidx(prefix: str | os.PathLike) -> BinIdx:
     if bin_bytes == 0 or bin_bytes % dtype.itemsize:
         raise UserError(f"{bin_path} has {bin_bytes} bytes, not a whole number of {dtype} tokens: "
                         "download or prepare it again")
-    if n and (int(pointers[-1]) + int(sizes[-1]) * dtype.itemsize > bin_bytes or (sizes < 0).any()):
+    if n and ((sizes < 0).any() or (pointers < 0).any() or (pointers % dtype.itemsize).any()):
+        raise UserError(f"{idx_path} is corrupt (negative sizes or misaligned pointers): "
+                        "download or prepare it again")
+    if n and int((pointers + sizes.astype(np.int64) * dtype.itemsize).max()) > bin_bytes:
         raise UserError(f"{bin_path} is shorter than its index says (truncated download?): "
                         "delete it and download or prepare it again")
+    if n_doc and (int(doc_idx.min()) < 0 or int(doc_idx.max()) > n or (np.diff(doc_idx) < 0).any()):
+        raise UserError(f"{idx_path} is corrupt (document index outside 0..{n}): download or prepare it again")
     tokens = np.memmap(bin_path, dtype=dtype, mode="r")
     return BinIdx(str(bin_path)[:-4], dtype, sizes, pointers, doc_idx, tokens)
 
@@ -138,3 +143,102 @@ def write_binidx(prefix: str | os.PathLike, docs: Iterable[np.ndarray], dtype=np
             if t.exists():
                 t.unlink()
     return len(sizes), int(sum(sizes))
+
+
+class BinIdxWriter:
+    """Streaming binidx writer with constant memory: tokens and sizes go to temp files next to the target,
+    `commit()` writes the index and renames (the .idx last, so a pair is complete once the .idx is there),
+    `abort()` (also on any exception inside `with`) removes every temp file.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype=np.uint16):
+        self.dtype = np.dtype(dtype)
+        self.bin_path, self.idx_path = paths(prefix)
+        tag = f".{os.getpid()}.tmp"
+        self._tmp_bin = self.bin_path.with_name(self.bin_path.name + tag)
+        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + tag)
+        self._tmp_sizes = self.idx_path.with_name(self.idx_path.name + ".sizes" + tag)
+        self.n_docs = 0
+        self.n_tokens = 0
+        self._files = []
+        try:
+            self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+            self._bin = open(self._tmp_bin, "wb")
+            self._files.append(self._bin)
+            self._sizes = open(self._tmp_sizes, "wb")
+            self._files.append(self._sizes)
+        except OSError as e:
+            self.abort()
+            raise UserError(f"cannot write {self.bin_path}: {e.strerror or e}: choose a writable --out") from None
+
+    def add(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Append documents: `tokens` is their ids back to back, `sizes` the length of each."""
+        tokens = np.asarray(tokens)
+        sizes = np.asarray(sizes, np.int64)
+        if int(sizes.sum()) != tokens.size:
+            raise ValueError("sizes do not add up to the number of tokens")
+        if sizes.size and int(sizes.max()) > np.iinfo(np.int32).max:
+            raise UserError(f"a document of {int(sizes.max())} tokens does not fit binidx (int32 sizes): split it")
+        if tokens.dtype != self.dtype:
+            if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > np.iinfo(self.dtype).max):
+                raise UserError(f"token id out of range for {self.dtype} while writing {self.bin_path}")
+            tokens = tokens.astype(self.dtype)
+        try:
+            self._bin.write(tokens.tobytes())
+            self._sizes.write(sizes.astype(np.int32).tobytes())
+        except OSError as e:
+            raise UserError(f"cannot write {self.bin_path}: {e.strerror or e} (disk full?)") from None
+        self.n_docs += int(sizes.size)
+        self.n_tokens += int(tokens.size)
+
+    def commit(self) -> tuple[int, int]:
+        """Finish: write the index, fsync, rename into place. Returns (documents, tokens)."""
+        try:
+            for f in (self._bin, self._sizes):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            n, block = self.n_docs, 1 << 20
+            with open(self._tmp_idx, "wb") as out, open(self._tmp_sizes, "rb") as sz:
+                out.write(MAGIC + struct.pack("<QBQQ", 1, DTYPE_CODES[self.dtype], n, n + 1))
+                while chunk := sz.read(4 * block):  # sizes
+                    out.write(chunk)
+                sz.seek(0)
+                offset = 0
+                while chunk := sz.read(4 * block):  # pointers: running byte offsets
+                    s = np.frombuffer(chunk, np.int32).astype(np.int64) * self.dtype.itemsize
+                    ptr = np.cumsum(s) - s + offset
+                    offset += int(s.sum())
+                    out.write(ptr.tobytes())
+                for start in range(0, n + 1, block):  # doc_idx 0..n, one document per sequence
+                    out.write(np.arange(start, min(start + block, n + 1), dtype=np.int64).tobytes())
+                out.flush()
+                os.fsync(out.fileno())
+            if self.idx_path.exists():
+                self.idx_path.unlink()  # never leave a new .bin next to a stale .idx
+            os.replace(self._tmp_bin, self.bin_path)
+            os.replace(self._tmp_idx, self.idx_path)
+        except OSError as e:
+            self.abort()
+            raise UserError(f"cannot write {self.idx_path}: {e.strerror or e} (disk full?)") from None
+        self.abort()  # removes the sizes side file
+        return self.n_docs, self.n_tokens
+
+    def abort(self) -> None:
+        for f in self._files:
+            try:
+                f.close()
+            except OSError:
+                pass
+        for t in (self._tmp_bin, self._tmp_idx, self._tmp_sizes):
+            try:
+                t.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "BinIdxWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

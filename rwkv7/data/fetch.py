@@ -1,0 +1,350 @@
+"""Download a tokenized binidx dataset from the Hugging Face Hub (default: MiniPile, as the official demo uses it).
+
+Everything goes through huggingface_hub (`get_hf_file_metadata` for the size, `hf_hub_download(local_dir=...)` for
+the transfer, its progress bars, its resume-on-drop and its temp-file-then-rename). Files land in
+`data_dir/<path in repo>`; the returned prefix is `data_dir/<bin path without .bin>`.
+
+Environment, read at call time (huggingface_hub reads some of these only at import):
+- HF_ENDPOINT: the Hub or a mirror (default https://huggingface.co);
+- HF_HUB_OFFLINE=1: no network, use the local copy or fail with a clear error;
+- HF_TOKEN: for private/gated repos; sent by huggingface_hub, never printed or logged here;
+- HF_HUB_CACHE / HF_HOME: the shared cache, reused (copied from) when it already holds the file.
+
+After the transfer each file is checked: size against the Hub's metadata (and the known MiniPile size), sha256
+against the Hub's LFS ETag on a fresh download and against `sha256=` when given, then the pair is opened with
+open_binidx and check_vocab. Checks that passed are remembered in data_dir/.rwkv7-verified.json (keyed by size and
+mtime) so re-runs don't re-hash gigabytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from rwkv7.errors import UserError
+
+DEFAULT_REPO = "BlinkDL/minipile-tokenized"
+DEFAULT_FILES = ("rwkv_vocab_v20230424/minipile.idx", "rwkv_vocab_v20230424/minipile.bin")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+REPO_TYPE = "dataset"
+MINIPILE_TOKENS = 1_498_226_207  # docs/ALIGNMENT-data.md
+KNOWN_SIZES = {(DEFAULT_REPO, DEFAULT_FILES[1]): 2 * MINIPILE_TOKENS}  # uint16 .bin
+MANIFEST = ".rwkv7-verified.json"
+DISK_MARGIN = 256 << 20  # leave this much free after the download
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def endpoint_from_env(endpoint: str | None = None) -> str:
+    return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _cache_dir() -> str:
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(home, "hub")
+
+
+def _scrub(msg: str) -> str:
+    """Error text without the token (defence in depth: huggingface_hub's messages don't carry it)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        tok = os.environ.get(name)
+        if tok and len(tok) >= 4:
+            msg = msg.replace(tok, "***")
+    return " ".join(str(msg).split())
+
+
+def _first_line(e: BaseException) -> str:
+    text = _scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return text[:300]
+
+
+def parse_sha256(items: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """`FILE=HEX` strings (or a mapping) -> {file: lowercase hex}; FILE is the path in the repo or its base name."""
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, Mapping) else []
+    if not isinstance(items, Mapping):
+        pairs = []
+        for it in items:
+            if "=" not in it:
+                raise UserError(f"--sha256 {it!r}: use FILE=HEX (e.g. minipile.bin=<64 hex digits>)")
+            pairs.append(tuple(it.split("=", 1)))
+    out = {}
+    for k, v in pairs:
+        v = str(v).strip().lower()
+        if not _SHA256.match(v):
+            raise UserError(f"sha256 for {k}: {v!r} is not 64 hex digits")
+        out[str(k).strip()] = v
+    return out
+
+
+def _sha_for(filename: str, sha: Mapping[str, str]) -> str | None:
+    return sha.get(filename) or sha.get(Path(filename).name)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _bin_prefix(files: Sequence[str]) -> str:
+    bins = [f for f in files if f.endswith(".bin")]
+    idxs = [f for f in files if f.endswith(".idx")]
+    if len(bins) != 1 or len(idxs) != 1 or bins[0][:-4] != idxs[0][:-4]:
+        raise UserError(f"files {list(files)} must be one binidx pair: PREFIX.idx and PREFIX.bin")
+    return bins[0][:-4]
+
+
+class _Manifest:
+    def __init__(self, data_dir: Path):
+        self.path = data_dir / MANIFEST
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, rel: str, local: Path) -> dict | None:
+        e = self.data.get(rel)
+        try:
+            st = local.stat()
+        except OSError:
+            return None
+        if e and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns:
+            return e
+        return None
+
+    def put(self, rel: str, local: Path, **info) -> None:
+        st = local.stat()
+        self.data[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **info}
+        try:
+            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # only a cache of checks already done
+
+    def drop(self, rel: str) -> None:
+        if self.data.pop(rel, None) is not None:
+            self.put_all()
+
+    def put_all(self) -> None:
+        try:
+            self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        except OSError:
+            pass
+
+
+def _network_error(endpoint: str, what: str, e: BaseException) -> UserError:
+    return UserError(f"cannot download {what} from {endpoint} ({_first_line(e)}): check the network, set HF_ENDPOINT "
+                     "to a reachable mirror, or use a local copy with HF_HUB_OFFLINE=1 or --set data.path=PREFIX")
+
+
+def _translate(e: BaseException, endpoint: str, repo_id: str, filename: str, revision: str | None,
+               offline: bool, data_dir: Path) -> UserError:
+    """huggingface_hub / httpx errors -> one clear UserError."""
+    from huggingface_hub import errors as hf_errors
+
+    what = f"{repo_id}/{filename}"
+    if isinstance(e, hf_errors.HFValidationError):
+        return UserError(f"invalid dataset repo or file name {what!r}: {_first_line(e)}")
+    if isinstance(e, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)) and offline:
+        return UserError(f"HF_HUB_OFFLINE is set and {data_dir / filename} is not there: run `rwkv7 fetch` once "
+                         "with network (or copy the files there), or point --set data.path=PREFIX at a local binidx")
+    if isinstance(e, hf_errors.GatedRepoError):
+        return UserError(f"dataset {repo_id} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN")
+    if isinstance(e, hf_errors.RepositoryNotFoundError):
+        return UserError(f"dataset repo {repo_id} not found on {endpoint} (or private: set HF_TOKEN); check --repo")
+    if isinstance(e, hf_errors.RevisionNotFoundError):
+        return UserError(f"revision {revision!r} not found in dataset {repo_id} on {endpoint}; check --revision")
+    if isinstance(e, hf_errors.EntryNotFoundError):
+        return UserError(f"file {filename} not found in dataset {repo_id}"
+                         f"{'@' + revision if revision else ''} on {endpoint}; check --file")
+    if isinstance(e, hf_errors.HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            return UserError(f"{endpoint} refused access to {repo_id} (401): set a valid HF_TOKEN")
+        return _network_error(endpoint, what, e)
+    return _network_error(endpoint, what, e)
+
+
+def _is_network_error(e: BaseException) -> bool:
+    import httpx2
+    from huggingface_hub import errors as hf_errors
+
+    if isinstance(e, (httpx2.HTTPError, hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError,
+                      hf_errors.FileMetadataError, hf_errors.OfflineModeIsEnabled)):
+        return True
+    return isinstance(e, OSError) and "Consistency check failed" in str(e)
+
+
+def _remote_metadata(repo_id: str, filename: str, revision: str | None, endpoint: str):
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo_id, filename, repo_type=REPO_TYPE, revision=revision, endpoint=endpoint)
+    return get_hf_file_metadata(url, endpoint=endpoint)
+
+
+def _clean_stale_incomplete(data_dir: Path, filename: str, max_age_s: float = 60.0) -> None:
+    """huggingface_hub removes its temp file on errors, but not after a kill -9: drop old ones for this file."""
+    d = data_dir / ".cache" / "huggingface" / "download" / Path(filename).parent
+    if not d.is_dir():
+        return
+    now = time.time()
+    for p in d.glob(f"{Path(filename).name}.*.incomplete"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def _check_disk(data_dir: Path, need: int) -> None:
+    if need <= 0:
+        return
+    probe = data_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need + DISK_MARGIN:
+        raise UserError(f"not enough disk space in {data_dir}: the download needs {need / 1e9:.2f} GB "
+                        f"(+{DISK_MARGIN >> 20} MB margin), {free / 1e9:.2f} GB free; free space or pick another "
+                        "--data-dir")
+
+
+def _remove_local(data_dir: Path, filename: str) -> None:
+    """Forget a bad download so the next run fetches it again (file and huggingface_hub's metadata for it)."""
+    for p in (data_dir / filename,
+              data_dir / ".cache" / "huggingface" / "download" / (filename + ".metadata")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def fetch_dataset(repo_id: str = DEFAULT_REPO, files: Sequence[str] = DEFAULT_FILES, data_dir: str | os.PathLike = "data",
+                  revision: str | None = None, sha256: Mapping[str, str] | Sequence[str] | None = None,
+                  endpoint: str | None = None, *, vocab_size: int = 65536, force: bool = False,
+                  quiet: bool = False) -> Path:
+    """Download (or find locally) a binidx pair from a Hub dataset repo, verify it, return its prefix path."""
+    repo_id = repo_id or DEFAULT_REPO
+    files = list(files or DEFAULT_FILES)
+    rel_prefix = _bin_prefix(files)
+    sha = parse_sha256(sha256)
+    endpoint = endpoint_from_env(endpoint)
+    offline = _env_true("HF_HUB_OFFLINE")
+    data_dir = Path(data_dir).expanduser().resolve()
+    if offline and force:
+        raise UserError("--force needs the network, but HF_HUB_OFFLINE is set")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --data-dir {data_dir}: {e.strerror or e}") from None
+    if not os.access(data_dir, os.W_OK):
+        raise UserError(f"--data-dir {data_dir} is not writable")
+
+    from huggingface_hub import hf_hub_download
+
+    manifest = _Manifest(data_dir)
+    metas: dict[str, object] = {}
+    if not offline:
+        # HEAD each file first: fail fast on network/repo errors, learn sizes for the disk check
+        need = 0
+        for f in files:
+            local = data_dir / f
+            try:
+                metas[f] = meta = _remote_metadata(repo_id, f, revision, endpoint)
+            except Exception as e:  # noqa: BLE001 - narrowed by _is_network_error / translated below
+                from huggingface_hub import errors as hf_errors
+
+                if isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError,
+                                  hf_errors.EntryNotFoundError, hf_errors.GatedRepoError,
+                                  hf_errors.HFValidationError)):
+                    raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
+                if not _is_network_error(e):
+                    raise
+                if not local.is_file():
+                    raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
+                metas[f] = None  # unreachable, but a local copy exists: huggingface_hub will fall back to it
+                if not quiet:
+                    print(f"warning: {endpoint} unreachable ({_first_line(e)}); using local {local}")
+                continue
+            if meta.commit_hash is None or meta.etag is None:
+                raise UserError(f"{endpoint} did not answer like a Hugging Face Hub (no X-Repo-Commit/ETag for "
+                                f"{f}): check HF_ENDPOINT")
+            if force or not local.is_file() or (meta.size is not None and local.stat().st_size != meta.size):
+                need += meta.size or 0
+                _clean_stale_incomplete(data_dir, f)
+        _check_disk(data_dir, need)
+
+    for f in files:
+        local = data_dir / f
+        meta = metas.get(f)
+        try:
+            path = hf_hub_download(repo_id, f, repo_type=REPO_TYPE, revision=revision, local_dir=data_dir,
+                                   cache_dir=_cache_dir(), endpoint=endpoint, local_files_only=offline,
+                                   force_download=force)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            from huggingface_hub import errors as hf_errors
+
+            if force and isinstance(e, ValueError) and "Force download failed" in str(e):
+                e = e.__cause__ or e
+            elif not (_is_network_error(e) or isinstance(e, (OSError, hf_errors.HFValidationError))):
+                raise
+            raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
+        local = Path(path)
+        size = local.stat().st_size
+        remote_size = getattr(meta, "size", None)
+        expected = remote_size if remote_size is not None else KNOWN_SIZES.get((repo_id, f))
+        if (repo_id, f) in KNOWN_SIZES and remote_size is not None and remote_size != KNOWN_SIZES[(repo_id, f)]:
+            expected = remote_size  # the Hub changed the file; trust its metadata but say so
+            if not quiet:
+                print(f"note: {f} on the Hub is {remote_size} bytes, not the documented {KNOWN_SIZES[(repo_id, f)]}")
+        if expected is not None and size != expected:
+            manifest.drop(f)
+            raise UserError(f"{local} is {size} bytes, expected {expected} (incomplete or changed download): "
+                            "run `rwkv7 fetch --force` to download it again")
+        etag = getattr(meta, "etag", None)
+        want = _sha_for(f, sha)
+        lfs_sha = etag if etag and _SHA256.match(etag) else None
+        known = manifest.get(f, local)
+        have = known.get("sha256") if known else None
+        must_hash = (want and want != have) or (lfs_sha and lfs_sha != have)
+        if must_hash:
+            if not quiet and size > (256 << 20):
+                print(f"checking sha256 of {local} ({size / 1e9:.2f} GB) ...")
+            have = _sha256_file(local)
+        if lfs_sha and have and have != lfs_sha:
+            _remove_local(data_dir, f)
+            manifest.drop(f)
+            raise UserError(f"{f} from {endpoint} is corrupt: sha256 {have[:16]}... does not match the Hub's "
+                            f"{lfs_sha[:16]}...; removed it, run the command again to re-download")
+        if want and have != want:
+            manifest.drop(f)
+            raise UserError(f"{local}: sha256 {have} does not match the expected {want} (--sha256/data.sha256): "
+                            "check the value, or delete the file and fetch again")
+        manifest.put(f, local, sha256=have, etag=etag, repo=repo_id)
+
+    from rwkv7.data.binidx import check_vocab, open_binidx
+
+    prefix = data_dir / rel_prefix
+    data = open_binidx(prefix)
+    check_vocab(data, vocab_size)
+    if not quiet:
+        print(f"{prefix}.bin/.idx: {data.n_docs:,} documents, {len(data):,} tokens ({data.dtype}), verified")
+    return prefix
