@@ -1,0 +1,44 @@
+"""`rwkv7 train --recipe NAME [--set section.key=value]... [--out DIR]`: train, then check the loss trajectory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_recipe_args(p) -> None:
+    p.add_argument("--recipe", default="tiny", help="recipe name (see `rwkv7 recipes`) or a .toml path [tiny]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   nargs="+", help="override a recipe value, e.g. --set train.micro_bsz=8 (repeatable)")
+
+
+def overrides(args) -> list[str]:
+    return [o for group in args.overrides for o in group]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a recipe and check its loss trajectory",
+                       description="Train a recipe. Re-running with the same --out resumes from the newest "
+                                   "checkpoint. Exit: 0 ok, 1 loss check failed, 2 bad input, 3 diverged, "
+                                   "130 stopped by a signal (resumable).")
+    add_recipe_args(p)
+    p.add_argument("--out", help="run folder [out/<recipe>]")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out (start over)")
+    p.add_argument("--force-resume", action="store_true", help="resume even though the recipe changed")
+    p.add_argument("--load-model", metavar="PTH", help="start from these weights (fresh optimizer and schedule)")
+    p.add_argument("--no-check", action="store_true", help="skip the loss-trajectory check at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rwkv7.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides(args))
+    out = Path(args.out or Path("out") / recipe.name)
+    if args.fresh and out.exists():
+        import shutil
+
+        shutil.rmtree(out / "ckpt", ignore_errors=True)
+    from rwkv7.train.run import run_training
+
+    return run_training(recipe, out, resume=not args.fresh, force_resume=args.force_resume,
+                        load_model=args.load_model, progress=not args.no_progress, check=not args.no_check)

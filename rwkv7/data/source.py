@@ -1,0 +1,88 @@
+"""Resolve a recipe's [data] section to token data ready for the sampler: open, validate, size the schedule.
+
+Everything here runs before a model is built, so bad data fails fast with a UserError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rwkv7.data.binidx import BinIdx, check_vocab, open_binidx, write_binidx
+from rwkv7.data.magic import is_prime, magic_prime as largest_magic_prime
+from rwkv7.errors import UserError
+from rwkv7.recipe import Recipe
+
+
+@dataclass
+class TrainingData:
+    data: BinIdx
+    magic_prime: int
+    exit_tokens: int          # the schedule's my_exit_tokens
+    val: BinIdx | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.data)
+
+
+def synthetic_prefix(recipe: Recipe) -> Path:
+    d = recipe.data
+    name = f"synthetic-v{recipe.model.vocab_size}-n{d.synthetic_tokens}-s{d.synthetic_seed}"
+    return Path(d.path or "data") / name
+
+
+def ensure_synthetic(recipe: Recipe) -> Path:
+    """Generate the recipe's synthetic corpus once (atomically) and return its prefix."""
+    from rwkv7.data.synthetic import generate_documents
+
+    prefix = synthetic_prefix(recipe)
+    if not (prefix.with_suffix(".bin").is_file() and prefix.with_suffix(".idx").is_file()):
+        d = recipe.data
+        docs = generate_documents(d.synthetic_tokens, recipe.model.vocab_size, d.synthetic_seed)
+        write_binidx(prefix, docs, dtype=np.uint16)
+    return prefix
+
+
+def locate(recipe: Recipe) -> Path:
+    """The binidx prefix for the recipe, downloading or generating it when needed."""
+    d = recipe.data
+    if d.source == "synthetic":
+        return ensure_synthetic(recipe)
+    if d.source == "hub":
+        from rwkv7.data.fetch import fetch_dataset
+
+        return Path(fetch_dataset(d.hub_repo, d.hub_files, d.data_dir, revision=d.hub_revision or None,
+                                  sha256=d.sha256 or None))
+    if not d.path:
+        raise UserError(f"recipe {recipe.name!r} reads local binidx data: add --set data.path=PREFIX (the files "
+                        "without .bin/.idx); make them from text with `rwkv7 prepare`")
+    return Path(d.path)
+
+
+def check_magic_prime(p: int, n_tokens: int, ctx_len: int) -> None:
+    """Official asserts: p prime, p % 3 == 2, 0.9 < p / (n_tokens // ctx_len) <= 1 (and the last window fits)."""
+    chunks = n_tokens // ctx_len
+    if not is_prime(p) or p % 3 != 2:
+        raise UserError(f"data.magic_prime {p} must be a prime with p % 3 == 2; leave it 0 to compute it")
+    if not (0.9 < p / chunks <= 1) or (p - 1) * ctx_len + ctx_len + 1 > n_tokens:
+        raise UserError(f"data.magic_prime {p} does not fit {n_tokens} tokens at ctx_len {ctx_len} "
+                        f"({chunks} chunks): leave it 0 to compute it")
+
+
+def prepare_data(recipe: Recipe) -> TrainingData:
+    prefix = locate(recipe)
+    data = open_binidx(prefix)
+    check_vocab(data, recipe.model.vocab_size)
+    ctx = recipe.train.ctx_len
+    if len(data) < 2 * (ctx + 1):
+        raise UserError(f"{prefix}: {len(data)} tokens is too few for ctx_len {ctx}")
+    p = recipe.data.magic_prime or largest_magic_prime(len(data), ctx)
+    check_magic_prime(p, len(data), ctx)
+    exit_tokens = recipe.data.my_exit_tokens or len(data)
+    val = None
+    if recipe.data.val_path:
+        val = open_binidx(recipe.data.val_path)
+        check_vocab(val, recipe.model.vocab_size)
+    return TrainingData(data, p, exit_tokens, val)

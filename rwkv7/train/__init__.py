@@ -1,0 +1,1 @@
+"""Training: the LightningModule (loss, parameter groups, schedule) and the run around it."""

@@ -1,0 +1,116 @@
+"""LightningModule around RWKV7: loss (cross-entropy + L2Wrap), official parameter groups and optimiser.
+
+The model stays a plain nn.Module; this wrapper only adds what training needs.
+"""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from rwkv7.init import GROUP_LR_SCALE, optimizer_group
+from rwkv7.model import RWKV7
+from rwkv7.recipe import Recipe
+
+L2WRAP_FACTOR = 1e-4  # official L2Wrap strength
+
+
+class L2Wrap(torch.autograd.Function):
+    """Forward: the loss unchanged. Backward: also push down the largest logit of every token.
+
+    Adds max_logit * 1e-4 / (B*T) at each token's argmax, scaled by the incoming gradient (RWKV-LM HEAD's form;
+    classic omitted the scaling, which is the same when the gradient is 1, as it is in training).
+    """
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        factor = L2WRAP_FACTOR / (logits.shape[0] * logits.shape[1])
+        maxx, ids = torch.max(logits, -1, keepdim=True)
+        gy = torch.zeros_like(logits).scatter_(-1, ids, maxx * (factor * grad_output.to(logits.dtype)))
+        return grad_output, gy
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in fp32 (as RWKV-LM HEAD's fused loss), wrapped with L2Wrap."""
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+    return L2Wrap.apply(loss, logits)
+
+
+def param_groups(model: RWKV7, weight_decay: float) -> list[dict]:
+    groups: dict[str, list] = {"lr_1x": [], "lr_2x": [], "lr_decay": []}
+    for name, p in model.named_parameters():
+        groups[optimizer_group(name, p, weight_decay)].append(p)
+    out = []
+    for key in ("lr_1x", "lr_2x", "lr_decay"):
+        if groups[key]:
+            out.append({"params": groups[key], "weight_decay": weight_decay if key == "lr_decay" else 0.0,
+                        "my_lr_scale": GROUP_LR_SCALE[key], "name": key})
+    return out
+
+
+class NonFiniteLoss(Exception):
+    """The loss or gradient went NaN/inf more often than train.max_bad_steps allows."""
+
+
+class RWKV7Module(pl.LightningModule):
+    def __init__(self, model: RWKV7, recipe: Recipe):
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        self.run_step = 0            # the run's global step, set by the tracker before each batch
+        self.bad_steps = 0
+        self.last_grad_norm = None
+
+    def forward(self, idx):
+        return self.model(idx)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = lm_loss(self.model(x), y)
+        if not torch.isfinite(loss.detach()):
+            return self._bad_step(f"loss is {float(loss)}", loss)
+        return loss
+
+    def _bad_step(self, what: str, loss):
+        self.bad_steps += 1
+        limit = self.recipe.train.max_bad_steps
+        if self.bad_steps > limit:
+            raise NonFiniteLoss(f"training diverged at step {self.run_step}: {what} "
+                                f"({self.bad_steps} bad step(s), train.max_bad_steps={limit})")
+        print(f"warning: step {self.run_step}: {what}; skipped ({self.bad_steps}/{limit} allowed)")
+        if self.recipe.train.strategy.startswith("deepspeed"):
+            # DeepSpeed cannot skip backward: a zero loss gives zero gradients (Adam's momentum still moves)
+            return (loss * 0.0).nan_to_num(0.0, 0.0, 0.0)
+        return None  # Lightning skips backward and the optimizer step
+
+    def configure_gradient_clipping(self, optimizer, optimizer_idx=None, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        """Clip the global L2 norm (official: 1.0) and keep the norm for metrics.jsonl (non-DeepSpeed runs;
+        DeepSpeed clips inside its optimizer)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
+        self.last_grad_norm = float(norm)
+        if not math.isfinite(self.last_grad_norm):
+            for p in params:  # never let a non-finite gradient reach the weights
+                p.grad = None
+            self._bad_step(f"gradient norm is {self.last_grad_norm}", None)
+
+    def configure_optimizers(self):
+        t = self.recipe.train
+        groups = param_groups(self.model, t.weight_decay)
+        kwargs = dict(lr=t.lr_init, betas=(t.beta1, t.beta2), eps=t.adam_eps)
+        if "offload" in t.strategy:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=t.weight_decay > 0, **kwargs)
+        # torch's AdamW with per-group weight_decay is the official FusedAdam(adam_w_mode=wd>0) update: decoupled
+        # decay on the lr_decay group only, and plain Adam when wd == 0. The fused CUDA version needs no JIT build.
+        return torch.optim.AdamW(groups, fused=t.accelerator == "gpu", **kwargs)

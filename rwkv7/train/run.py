@@ -1,0 +1,387 @@
+"""One training run: recipe → data → model → Lightning Trainer → train_log.txt, checkpoints, verdict.
+
+Run folder (default out/<recipe>/): train_log.txt (official format), metrics.jsonl (one line per step), run.json,
+rwkv-init.pth, rwkv-N.pth / rwkv-final.pth (official weights), ckpt/step-N/ (full checkpoints), check.json, loss.png.
+A run started again with the same folder resumes from the newest complete checkpoint; the data order, schedule and
+optimizer state continue exactly where they were.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rwkv7 import checkpoint as ckpt
+from rwkv7.data.source import TrainingData, prepare_data
+from rwkv7.errors import UserError
+from rwkv7.fsutil import append_line, atomic_write_text
+from rwkv7.recipe import Recipe
+from rwkv7.train.module import NonFiniteLoss
+from rwkv7.train.schedule import learning_rate, total_steps
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights and optimizer: enough to continue exactly."""
+
+    step: int = 0                                  # optimizer steps done
+    records: list = field(default_factory=list)    # finished mini-epochs: epoch, loss, lr, lightning_epoch, line
+    loss_sum: float = 0.0                          # the unfinished mini-epoch so far
+    loss_count: int = 0
+    bad_steps: int = 0
+
+
+def normalise_arch_list() -> None:
+    """DeepSpeed's op builder cannot parse arch suffixes like '9.0a' (set by some CUDA images)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(a.strip().rstrip("af") for a in archs.replace(" ", ";").split(";")
+                                                      if a.strip())
+
+
+def preflight(recipe: Recipe) -> None:
+    t = recipe.train
+    if t.accelerator == "gpu":
+        if not torch.cuda.is_available():
+            raise UserError(f"recipe {recipe.name!r} needs a CUDA GPU and none is visible: on a CPU-only machine "
+                            "use `make train` (recipe tiny) or --set train.accelerator=cpu train.precision=fp32 "
+                            "train.strategy=auto")
+        if t.devices > torch.cuda.device_count():
+            raise UserError(f"train.devices={t.devices} but only {torch.cuda.device_count()} GPU(s) are visible")
+        if t.strategy.startswith("deepspeed"):
+            normalise_arch_list()
+            try:
+                import deepspeed  # noqa: F401
+            except Exception as e:
+                raise UserError(f"train.strategy={t.strategy} needs deepspeed, which failed to import ({e}): "
+                                "run `make setup`") from None
+
+
+def flops_per_token(recipe: Recipe) -> float:
+    """6 x non-embedding parameters + the wkv recurrence (about 24 * head_size FLOPs per channel per layer,
+    forward and backward), for MFU."""
+    from rwkv7.model import lora_rank
+
+    m = recipe.model
+    C, L = m.n_embd, m.n_layer
+    lora = sum(2 * C * lora_rank(C, k) for k in "wavg")
+    per_layer = 4 * C * C + 8 * C * C + lora
+    return 6.0 * (L * per_layer + C * m.vocab_size) + L * 24.0 * m.head_size * C
+
+
+def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunState, dataset, last_step: int,
+                 resume_from: Path | None, first_epoch: int, progress: bool):
+    """The Lightning callback that owns the run's bookkeeping (built here so importing this module stays light)."""
+    import pytorch_lightning as pl
+
+    class _Tracker(pl.Callback):
+        def __init__(self):
+            self.stop_signal = None
+            self.metrics_buffer: list[str] = []
+            self.bar = None
+            self.t_last = time.time()
+            self.step_last = state.step
+            self.tok_s = 0.0
+            self.lr = 0.0
+            self.flops = flops_per_token(recipe)
+            self.peak = None
+
+        # -- lifecycle --
+        def setup(self, trainer, pl_module, stage=None):
+            dataset.rank, dataset.world = trainer.global_rank, trainer.world_size
+
+        def on_train_start(self, trainer, pl_module):
+            if resume_from is not None:
+                restore_optimizer(trainer, pl_module, resume_from)
+            if torch.cuda.is_available() and recipe.train.accelerator == "gpu":
+                name = torch.cuda.get_device_name()
+                self.peak = next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
+            if progress and trainer.is_global_zero:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=last_step, initial=state.step, unit="step", dynamic_ncols=True,
+                                desc=f"{recipe.name}")
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+
+        def _on_signal(self, signum, frame):
+            self.stop_signal = signum
+
+        def on_train_end(self, trainer, pl_module):
+            self._flush_metrics(trainer)
+            if self.bar is not None:
+                self.bar.close()
+
+        # -- every step --
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            t = recipe.train
+            self.lr = learning_rate(state.step, t.lr_init, t.lr_final, t.warmup_steps, recipe.tokens_per_step,
+                                    data.exit_tokens)
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr * group["my_lr_scale"]
+            pl_module.run_step = state.step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = float(outputs["loss"]) if outputs is not None else float("nan")
+            state.step += 1
+            if math.isfinite(loss):
+                state.loss_sum += loss
+                state.loss_count += 1
+            now = time.time()
+            if now - self.t_last >= 1.0 or state.step == last_step:
+                self.tok_s = (state.step - self.step_last) * recipe.tokens_per_step / max(now - self.t_last, 1e-9)
+                self.t_last, self.step_last = now, state.step
+                if self.bar is not None:
+                    avg = state.loss_sum / max(state.loss_count, 1)
+                    self.bar.set_postfix_str(f"loss {avg:.4f} lr {self.lr:.3g} {self.tok_s / 1e3:.1f} kt/s", False)
+            if self.bar is not None:
+                self.bar.update(1)
+            self._metric(trainer, pl_module, loss)
+            if state.step % recipe.epoch_steps == 0:
+                self._end_mini_epoch(trainer, pl_module)
+            if self.stop_signal is not None:
+                if state.step % recipe.epoch_steps:  # mid mini-epoch: keep the partial sums for an exact resume
+                    save_full_checkpoint(trainer, pl_module, recipe, run_dir, state)
+                trainer.should_stop = True
+            if state.step >= last_step:
+                trainer.should_stop = True
+
+        def _metric(self, trainer, pl_module, loss):
+            if not trainer.is_global_zero:
+                return
+            row = {"step": state.step, "mini_epoch": (state.step - 1) // recipe.epoch_steps, "loss": loss,
+                   "lr": self.lr, "grad_norm": getattr(pl_module, "last_grad_norm", None),
+                   "tokens_per_s": round(self.tok_s, 1)}
+            if self.peak:
+                row["mfu"] = round(self.tok_s * self.flops / (self.peak * 1e12 * trainer.world_size), 4)
+            if torch.cuda.is_available() and recipe.train.accelerator == "gpu":
+                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+            self.metrics_buffer.append(json.dumps(row))
+            if len(self.metrics_buffer) >= 200:
+                self._flush_metrics(trainer)
+
+        def _flush_metrics(self, trainer):
+            if self.metrics_buffer and trainer.is_global_zero:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write("\n".join(self.metrics_buffer) + "\n")
+            self.metrics_buffer = []
+
+        def _end_mini_epoch(self, trainer, pl_module):
+            from rwkv7.trajectory import format_epoch_line
+
+            mean = torch.tensor([state.loss_sum / max(state.loss_count, 1)], dtype=torch.float64,
+                                device=pl_module.device)
+            avg = float(trainer.strategy.reduce(mean, reduce_op="mean")) if trainer.world_size > 1 else float(mean)
+            epoch = state.step // recipe.epoch_steps - 1
+            line = format_epoch_line(epoch, avg, self.lr, epoch - first_epoch)
+            state.records.append({"epoch": epoch, "loss": avg, "lr": self.lr, "line": line})
+            state.loss_sum, state.loss_count = 0.0, 0
+            last = state.step >= last_step
+            save = epoch % recipe.train.epoch_save == 0 or last or self.stop_signal is not None
+            if save:
+                # checkpoint first, log line second: a crash in between is repaired from the checkpoint on resume
+                save_full_checkpoint(trainer, pl_module, recipe, run_dir, state)
+                if trainer.is_global_zero:
+                    ckpt.save_weights(pl_module.model, run_dir / f"rwkv-{epoch}.pth")
+            if trainer.is_global_zero:
+                append_line(run_dir / "train_log.txt", line)
+                self._flush_metrics(trainer)
+                if self.bar is not None:
+                    self.bar.write(line.rstrip())
+
+    return _Tracker()
+
+
+def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, state: RunState) -> None:
+    meta = {"state": asdict(state), "fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(),
+            "world_size": trainer.world_size, "time": datetime.datetime.now().isoformat()}
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    tmp = run_dir / ckpt.CKPT_DIR / f".tmp-step-{state.step:08d}"
+    if trainer.is_global_zero:
+        tmp = ckpt.begin_checkpoint(run_dir, state.step)
+    trainer.strategy.barrier()
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
+        if trainer.is_global_zero:
+            ckpt.save_weights(pl_module.model, tmp / "weights.pth")
+    elif trainer.is_global_zero:
+        ckpt.save_plain_state(tmp, pl_module.model, trainer.optimizers[0])
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        ckpt.commit_checkpoint(tmp, meta, recipe.train.keep_checkpoints)
+    trainer.strategy.barrier()
+
+
+def restore_optimizer(trainer, pl_module, path: Path) -> None:
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    if engine is not None:
+        engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        trainer.optimizers[0].load_state_dict(ckpt.load_plain_state(path)["optimizer"])
+
+
+def repair_log(log: Path, state: RunState) -> None:
+    """Make train_log.txt agree with a checkpoint: drop epoch lines after it (and a torn last line), add any of its
+    lines a crash kept from being written."""
+    from rwkv7.trajectory import parse_log_text
+
+    known = {r["epoch"]: r["line"] for r in state.records}
+    lines = log.read_text(errors="replace").splitlines(keepends=True) if log.is_file() else []
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    kept, seen = [], set()
+    for line in lines:
+        rec = parse_log_text(line) if line.strip() else []
+        if rec:
+            if rec[0].epoch not in known:
+                continue
+            seen.add(rec[0].epoch)
+        kept.append(line)
+    kept += [known[e] for e in sorted(known) if e not in seen]
+    atomic_write_text(log, "".join(kept))
+
+
+def find_resume(run_dir: Path, recipe: Recipe, force: bool) -> tuple[Path | None, RunState]:
+    dirs = ckpt.checkpoint_dirs(run_dir)
+    if not dirs:
+        return None, RunState()
+    latest = dirs[-1]
+    meta = ckpt.read_meta(latest)
+    if meta.get("fingerprint") != recipe.fingerprint() and not force:
+        raise UserError(f"{run_dir} holds a run of a different recipe (checkpoint {latest.name}): use another --out, "
+                        "or --force-resume to continue it with the new settings")
+    return latest, RunState(**meta["state"])
+
+
+def build_trainer(recipe: Recipe, callbacks: list, steps: int):
+    import pytorch_lightning as pl
+
+    t = recipe.train
+    kwargs = dict(max_steps=steps, max_epochs=1, enable_checkpointing=False, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                  callbacks=callbacks, num_nodes=t.num_nodes, devices=t.devices)
+    if t.accelerator == "cpu":
+        return pl.Trainer(accelerator="cpu", precision=32, gradient_clip_val=t.grad_clip or None, **kwargs)
+    strategy = None
+    if t.strategy.startswith("deepspeed"):
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        bucket = int(t.ds_bucket_mb * 1e6)
+        stage = 3 if "stage_3" in t.strategy else 2
+        offload = t.strategy.endswith("offload")
+        strategy = DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
+                                     allgather_bucket_size=bucket, reduce_bucket_size=bucket, logging_batch_size_per_gpu=t.micro_bsz)
+    precision = "bf16" if t.precision == "bf16" else 32
+    return pl.Trainer(accelerator="gpu", strategy=strategy, precision=precision,
+                      gradient_clip_val=t.grad_clip or None, **kwargs)
+
+
+def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_resume: bool = False,
+                 load_model: str | None = None, progress: bool = True, check: bool = True) -> int:
+    """Train `recipe` into run_dir; returns the exit code (0 ok, 1 check failed, 3 diverged, 130 interrupted)."""
+    from rwkv7.init import init_model
+    from rwkv7.model import ModelShape, RWKV7
+    from rwkv7.train.module import RWKV7Module
+    from rwkv7.data.sampler import MagicPrimeWindows
+
+    preflight(recipe)
+    data = prepare_data(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from, state = find_resume(run_dir, recipe, force_resume) if resume else (None, RunState())
+    if load_model and resume_from is not None:
+        raise UserError(f"--load-model given but {run_dir} already holds checkpoints: use a fresh --out")
+
+    epoch_steps = recipe.epoch_steps
+    last_step = (recipe.train.epoch_count * epoch_steps if recipe.train.epoch_count
+                 else total_steps(data.exit_tokens, recipe.tokens_per_step))
+    if state.step >= last_step:
+        print(f"{run_dir}: already trained {state.step} of {last_step} steps; nothing to do")
+        return finish(recipe, run_dir, check)
+
+    torch.manual_seed(recipe.train.seed)
+    m = recipe.model
+    model = RWKV7(ModelShape(m.n_layer, m.n_embd, m.vocab_size, m.head_size), grad_cp=bool(recipe.train.grad_cp))
+    log = run_dir / "train_log.txt"
+    if resume_from is not None:
+        ckpt.load_into(model, _checkpoint_weights(resume_from), str(resume_from))
+        repair_log(log, state)
+        print(f"resuming {run_dir} from {resume_from.name} (step {state.step} of {last_step})")
+    elif load_model:
+        ckpt.load_into(model, ckpt.read_state_dict(load_model), load_model)
+    else:
+        init_model(model, seed=recipe.train.seed, bf16_round=recipe.train.init_bf16_round)
+        ckpt.save_weights(model, run_dir / "rwkv-init.pth")
+        if log.exists():
+            log.unlink()
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    first_epoch = state.step // epoch_steps
+    header = (f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n"
+              f"{json.dumps(recipe.to_dict())}\n")
+    append_line(log, header.rstrip("\n"))
+    atomic_write_text(run_dir / "run.json", json.dumps(run_info(recipe, data), indent=1))
+
+    dataset = MagicPrimeWindows(data.data.tokens, recipe.train.ctx_len, data.magic_prime, recipe.train.micro_bsz,
+                                recipe.real_bsz, state.step, last_step - state.step)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.train.micro_bsz, shuffle=False,
+                                         num_workers=recipe.train.num_workers, drop_last=True,
+                                         pin_memory=recipe.train.accelerator == "gpu",
+                                         persistent_workers=False)
+    module = RWKV7Module(model, recipe)
+    module.state = state
+    tracker = make_tracker(recipe, run_dir, data, state, dataset, last_step, resume_from, first_epoch, progress)
+    trainer = build_trainer(recipe, [tracker], last_step - state.step)
+    try:
+        trainer.fit(module, loader)
+    except NonFiniteLoss as e:
+        print(f"error: {e}; the last good checkpoint is kept in {run_dir / ckpt.CKPT_DIR}")
+        return EXIT_DIVERGED
+    if tracker.stop_signal is not None:
+        print(f"stopped by signal {tracker.stop_signal} at step {state.step}; run the same command to resume")
+        return EXIT_INTERRUPTED
+    if trainer.is_global_zero:
+        ckpt.save_weights(model, run_dir / "rwkv-final.pth")
+    return finish(recipe, run_dir, check) if trainer.is_global_zero else 0
+
+
+def _checkpoint_weights(path: Path) -> dict:
+    if (path / "state.pt").is_file():
+        return ckpt.load_plain_state(path)["model"]
+    return ckpt.read_state_dict(path / "weights.pth")
+
+
+def finish(recipe: Recipe, run_dir: Path, check: bool) -> int:
+    expected = recipe.expected_log()
+    if not check or expected is None:
+        return 0
+    if not expected.is_file():
+        print(f"no expected log at {expected} yet: nothing to check against (make one with `make golden`)")
+        return 0
+    from rwkv7.trajectory import run_check
+
+    c = recipe.check
+    return run_check(run_dir / "train_log.txt", expected, tolerance=c.tolerance, rel_tolerance=c.rel_tolerance,
+                     max_outliers=c.max_outliers)
+
+
+def run_info(recipe: Recipe, data: TrainingData) -> dict:
+    import numpy as np
+
+    info = {"recipe": recipe.to_dict(), "fingerprint": recipe.fingerprint(), "data": data.data.prefix,
+            "n_tokens": data.n_tokens, "magic_prime": data.magic_prime, "my_exit_tokens": data.exit_tokens,
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda, "time": datetime.datetime.now().isoformat()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
