@@ -233,7 +233,7 @@ class BinIdxWriter:
         for t in (self._tmp_bin, self._tmp_idx, self._tmp_sizes):
             try:
                 t.unlink()
-            except FileNotFoundError:
+            except OSError:  # not there (or its folder never was)
                 pass
 
     def __enter__(self) -> "BinIdxWriter":
