@@ -63,7 +63,7 @@ class WorldTokenizer:
             try:
                 import pyrwkv_tokenizer
                 tok = pyrwkv_tokenizer.RWKVTokenizer()
-                self._enc = tok.encode
+                self._enc = getattr(tok, "tokenizer", tok).encode  # the Rust object: skips a Python frame
                 self.backend = "pyrwkv"
             except ImportError:
                 if backend == "pyrwkv":
