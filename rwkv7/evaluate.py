@@ -50,13 +50,13 @@ def evaluate_loss(model, tokens: np.ndarray, ctx_len: int = 512, max_tokens: int
         for first in range(0, windows, batch):
             nb = min(batch, windows - first)
             start, stop = first * ctx_len, (first + nb) * ctx_len + 1
-            flat = np.asarray(tokens[start:stop]).astype(np.int64)
+            flat = np.array(tokens[start:stop], dtype=np.int64)  # a writable copy
             if vocab is not None and int(flat.max()) >= vocab:
                 raise UserError(f"evaluation data holds token id {int(flat.max())} >= the model's vocab_size "
                                 f"{vocab}: it was made with another tokenizer")
             # windows [nb, ctx_len + 1] as strided views of the contiguous run (neighbours share one token)
             win = np.lib.stride_tricks.sliding_window_view(flat, ctx_len + 1)[::ctx_len]
-            win = torch.from_numpy(np.ascontiguousarray(win)).to(device)
+            win = torch.from_numpy(np.array(win)).to(device)  # np.array: a contiguous, writable copy
             logits = model(win[:, :-1])
             for row in range(nb):  # fp32 cross-entropy one window at a time bounds the fp32 copy of the logits
                 total += float(F.cross_entropy(logits[row].float(), win[row, 1:], reduction="sum"))
