@@ -161,7 +161,9 @@ def _translate(e: BaseException, endpoint: str, repo_id: str, filename: str, rev
     what = f"{repo_id}/{filename}"
     if isinstance(e, hf_errors.HFValidationError):
         return UserError(f"invalid dataset repo or file name {what!r}: {_first_line(e)}")
-    if isinstance(e, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)) and offline:
+    if isinstance(e, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)):
+        if not offline:  # network trouble and no local copy (LocalEntryNotFoundError is an EntryNotFoundError)
+            return _network_error(endpoint, what, e.__cause__ or e)
         return UserError(f"HF_HUB_OFFLINE is set and {data_dir / filename} is not there: run `rwkv7 fetch` once "
                          "with network (or copy the files there), or point --set data.path=PREFIX at a local binidx")
     if isinstance(e, hf_errors.GatedRepoError):
@@ -181,12 +183,28 @@ def _translate(e: BaseException, endpoint: str, repo_id: str, filename: str, rev
     return _network_error(endpoint, what, e)
 
 
-def _is_network_error(e: BaseException) -> bool:
-    import httpx2
+def _transport_errors() -> tuple[type, ...]:
+    """The HTTP client's error base classes: huggingface_hub 2.x uses httpx2, 1.x httpx, 0.x requests."""
+    out = []
+    for mod, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            out.append(getattr(__import__(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
+def _remote_missing() -> type:
     from huggingface_hub import errors as hf_errors
 
-    if isinstance(e, (httpx2.HTTPError, hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError,
-                      hf_errors.FileMetadataError, hf_errors.OfflineModeIsEnabled)):
+    return getattr(hf_errors, "RemoteEntryNotFoundError", hf_errors.EntryNotFoundError)
+
+
+def _is_network_error(e: BaseException) -> bool:
+    from huggingface_hub import errors as hf_errors
+
+    if isinstance(e, _transport_errors() + (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError,
+                                            hf_errors.FileMetadataError, hf_errors.OfflineModeIsEnabled)):
         return True
     return isinstance(e, OSError) and "Consistency check failed" in str(e)
 
@@ -271,7 +289,7 @@ def fetch_dataset(repo_id: str = DEFAULT_REPO, files: Sequence[str] = DEFAULT_FI
                 from huggingface_hub import errors as hf_errors
 
                 if isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError,
-                                  hf_errors.EntryNotFoundError, hf_errors.GatedRepoError,
+                                  _remote_missing(), hf_errors.GatedRepoError,
                                   hf_errors.HFValidationError)):
                     raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
                 if not _is_network_error(e):
