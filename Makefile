@@ -35,3 +35,26 @@ gpu-test: setup
 
 clean:
 	rm -rf out .pytest_cache
+
+# --- Container appliance (docs/CONTAINER.md) ---------------------------------------------------------------------
+# make image [IMAGE=rwkv7:latest] [IMAGE_ARCH_LIST="9.0"] [IMAGE_BUILD_ARGS="--build-arg SKIP_KERNEL=1"]
+# make up [RECIPE=1.5b] [ARGS="--fresh"] [DEVICES=8]      (DEVICES adds compose.multigpu.yaml)
+# make image-test                                         (CI: offline base, build, train tiny in the container; root)
+DOCKER ?= docker
+COMPOSE ?= docker compose
+IMAGE ?= rwkv7:latest
+IMAGE_ARCH_LIST ?= 8.0;8.6;8.9;9.0;10.0;12.0
+IMAGE_BUILD_ARGS ?=
+DEVICES ?=
+.PHONY: image-test
+
+image:
+	$(DOCKER) build -t $(IMAGE) --build-arg TORCH_CUDA_ARCH_LIST="$(IMAGE_ARCH_LIST)" $(IMAGE_BUILD_ARGS) .
+
+up:
+	$(if $(filter command line environment,$(origin RECIPE)),RECIPE="$(RECIPE)") ARGS="$(ARGS)" \
+	$(if $(DEVICES),DEVICES="$(DEVICES)") RWKV7_IMAGE="$(IMAGE)" \
+	$(COMPOSE) -f compose.yaml $(if $(DEVICES),-f compose.multigpu.yaml) up
+
+image-test:
+	bash tests/container/ci_image.sh

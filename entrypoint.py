@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Container and checkout entry point: the same CLI as the `rwkv7` console script."""
+import os
 import sys
 from pathlib import Path
 
@@ -8,4 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rwkv7.cli import main  # noqa: E402
 
 if __name__ == "__main__":
+    _kdir = os.environ.get("RWKV7_KERNEL_DIR") or Path(__file__).resolve().parent / "kernels" / "build"
+    _skipped = Path(_kdir) / "KERNEL_SKIPPED"
+    if _skipped.exists():  # container built with SKIP_KERNEL=1 (docs/CONTAINER.md)
+        print(f"warning: {_skipped.read_text().strip()}; a GPU run JIT-builds it on first use", file=sys.stderr)
     sys.exit(main())
