@@ -1,7 +1,9 @@
 """Tokenisation throughput of `rwkv7 prepare` (MB/s of input text), one worker and all cores.
 
 Generates >= --mb MB of English-like JSONL (deterministic, seeded; word mix with punctuation, some digits and a
-little non-ASCII), then runs the real prepare() on it, as `rwkv7 prepare` does, and prints one line per setting.
+little non-ASCII), then runs the real prepare() on it, as `rwkv7 prepare` does, and prints one line per setting:
+wall-clock MB/s, and MB per CPU-second (this process + the pool's workers), which is less sensitive to other load
+on a shared machine.
 
     python bench/prepare.py [--mb 64] [--workers 1 N] [--keep DIR]
 """
@@ -12,6 +14,7 @@ import json
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -57,6 +60,15 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
     return written
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children (the pool's workers)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=64.0, help="MB of generated JSONL (>= 50 for the report)")
@@ -72,10 +84,13 @@ def main() -> int:
         print(f"corpus: {size / 1e6:.1f} MB JSONL in {time.perf_counter() - t0:.1f} s; {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, python {platform.python_version()}")
         for w in dict.fromkeys(args.workers):
+            cpu0 = cpu_seconds()
             res = prepare([src], root / f"out{w}", workers=w, progress=False)
+            cpu = cpu_seconds() - cpu0
             print(f"workers={w}: {res.bytes_in / 1e6:.1f} MB, {res.docs:,} docs, {res.tokens:,} tokens in "
-                  f"{res.seconds:.2f} s = {res.mb_per_s:.1f} MB/s ({res.tokens / res.seconds / 1e6:.2f} M tokens/s, "
-                  f"{res.backend} tokenizer)")
+                  f"{res.seconds:.2f} s = {res.mb_per_s:.1f} MB/s wall ({res.tokens / res.seconds / 1e6:.2f} M tokens/s, "
+                  f"{res.backend} tokenizer); {cpu:.2f} CPU-s = {res.bytes_in / 1e6 / cpu:.1f} MB per CPU-second; "
+                  f"load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

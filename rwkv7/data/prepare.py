@@ -14,6 +14,7 @@ files that are renamed at the end; on any error or Ctrl-C they are removed.
 """
 from __future__ import annotations
 
+import array
 import json
 import multiprocessing as mp
 import os
@@ -135,7 +136,7 @@ def _encode_task(task):
     kind, _, payload = task
     enc = get_tokenizer(_CFG.get("backend")).encode
     key, skip_bad = _CFG["text_key"], _CFG["skip_bad"]
-    flat: list[int] = []
+    flat = array.array("H")  # uint16, filled from the tokenizer's lists in C (fromlist)
     sizes: list[int] = []
     errors: list[tuple[int, str]] = []
     empty = 0
@@ -146,7 +147,7 @@ def _encode_task(task):
         except UnicodeEncodeError:
             errors.append((line_no, "text is not valid Unicode (lone surrogate)"))
             return False
-        flat.extend(ids)
+        flat.fromlist(ids)
         flat.append(EOD)
         sizes.append(len(ids) + 1)
         return True
@@ -189,7 +190,7 @@ def _encode_task(task):
                     add(text, line_no)
             if errors and not skip_bad:
                 break
-    return np.array(flat, dtype=np.uint16), np.array(sizes, dtype=np.int64), errors, empty, _task_bytes(task)
+    return np.frombuffer(flat, dtype=np.uint16), np.array(sizes, dtype=np.int64), errors, empty, _task_bytes(task)
 
 
 # ------------------------------------------------------------------------------------------------- driver
