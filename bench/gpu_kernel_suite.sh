@@ -18,3 +18,4 @@ echo "build rc=$rc in $(( $(date +%s) - t0 )) s"; [ $rc -eq 0 ] || { tail -40 "$
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rA -s -p no:cacheprovider tests/test_wkv_cuda.py 2>&1 | tee "$OUT/pytest.log" \
   | grep -E "^B[0-9]|passed|failed|FAILED|Error|error" | head -60
 timeout ${BENCH_TIMEOUT:-240} python3 bench/wkv_kernel.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -30
+[ -n "${CLASSIC:-}" ] && timeout 120 python3 bench/wkv_kernel.py --classic --lanes 2 2>&1 | tail -8

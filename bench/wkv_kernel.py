@@ -3,9 +3,9 @@
     python bench/wkv_kernel.py [--lanes 2,4,8] [--json FILE]
 
 Medians of triton.testing.do_bench over direct op calls (the forward as in training: checkpoints and sa saved).
-Every lane variant (threads per state row) is timed; the default in rwkv7/wkv_cuda.py is marked with '*'. If the
-official kernels were copied into the git-ignored ref/ (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp, or the
-classic wkv7_cuda.cu + wkv7_op.cpp), they are JIT-compiled and timed side by side, and their outputs compared with
+Every thread layout (wkv_cuda.LAYOUTS) is timed; the defaults in rwkv7/wkv_cuda.py are marked f (forward), b (backward). If the
+official kernels were copied into the git-ignored ref/ (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp; with
+--classic the classic wkv7_cuda.cu + wkv7_op.cpp), they are JIT-compiled and timed side by side, and their outputs compared with
 ours (same inputs; their y and gradients are bf16 too).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def make_inputs(B, T, H, seed=0):
     return [x.to("cuda", torch.bfloat16).contiguous() for x in (r, w, k, v, a, b, dy)]
 
 
-def load_official():
+def load_official(classic=False):
     """JIT the official kernel from ref/ if present: returns {name: (fwd, bwd)} with our argument convention."""
     from torch.utils.cpp_extension import load
 
@@ -69,7 +69,9 @@ def load_official():
             out["official clampw_v3_for_h100"] = (fwd, bwd)
         except Exception as exc:  # noqa: BLE001 - the side-by-side is optional
             print(f"(official v3 kernel not built: {type(exc).__name__}: {str(exc)[-300:]})")
-    if (ref / "wkv7_cuda.cu").exists() and (ref / "wkv7_op.cpp").exists():
+    # Loading both official libraries into one process made their ops collide (identical timings, v3 results off),
+    # so the classic one is opt-in: run it alone with --classic.
+    if classic and (ref / "wkv7_cuda.cu").exists() and (ref / "wkv7_op.cpp").exists():
         try:
             load(name="wind_backstepping", sources=[str(ref / "wkv7_op.cpp"), str(ref / "wkv7_cuda.cu")],
                  is_python_module=False, verbose=False, extra_cuda_cflags=OFFICIAL_FLAGS,
@@ -121,13 +123,14 @@ def main(argv=None):
     from triton.testing import do_bench
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lanes", default="2,4,8")
+    parser.add_argument("--lanes", default=",".join(str(x) for x in wkv_cuda.LAYOUTS))
+    parser.add_argument("--classic", action="store_true", help="also the classic official kernel (own process!)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     lanes_list = [int(x) for x in args.lanes.split(",")]
     wkv_cuda.load()
     ext = torch.ops.rwkv7_wkv7_ext
-    official = load_official()
+    official = load_official(args.classic)
     dev = torch.cuda.get_device_name()
     rows, results = [], []
 
@@ -137,15 +140,15 @@ def main(argv=None):
     for B, T, H in SHAPES:
         r, w, k, v, a, b, dy = make_inputs(B, T, H)
         xs = (r, w, k, v, a, b)
-        y0, ck0, sa0 = ext.forward(*xs, None, True, 4)
-        g0 = ext.backward(*xs, dy, ck0, sa0, None, 4)
+        y0, ck0, sa0 = ext.forward(*xs, None, True, 2)
+        g0 = ext.backward(*xs, dy, ck0, sa0, None, 2)
         for lanes in lanes_list:
             tf = bench(lambda: ext.forward(*xs, None, True, lanes))
             y, ck, sa = ext.forward(*xs, None, True, lanes)
             tb = bench(lambda: ext.backward(*xs, dy, ck, sa, None, lanes))
             tfb = bench(lambda: ext.backward(*xs, dy, *ext.forward(*xs, None, True, lanes)[1:], None, lanes))
             tinf = bench(lambda: ext.forward(*xs, None, False, lanes))
-            star = "*" if (lanes == wkv_cuda.FWD_LANES) else " "
+            star = ("f" if lanes == wkv_cuda.FWD_LANES else " ") + ("b" if lanes == wkv_cuda.BWD_LANES else " ")
             rows.append((f"ours lanes={lanes}{star}", B, T, H, tf, tb, tfb, tinf))
         for name, (fwd, bwd) in official.items():
             tf = bench(lambda: fwd(*xs))
@@ -157,7 +160,7 @@ def main(argv=None):
             diffs = {"y": rel(y0, y)}
             if grads is not None:
                 diffs.update({n: rel(g0[i], grads[i]) for i, n in enumerate(["dr", "dw", "dk", "dv", "da", "db"])})
-            print(f"ours(lanes=4) vs {name} at B{B} T{T} H{H}: " + " ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
+            print(f"ours(layout 2) vs {name} at B{B} T{T} H{H}: " + " ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
         torch.cuda.empty_cache()
 
     print(f"\nwkv7 kernel timings, {dev}, torch {torch.__version__}, CUDA {torch.version.cuda} (median ms)")

@@ -35,8 +35,10 @@ SOURCES = ("wkv7.cu", "wkv7_op.cpp")
 CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3", "-lineinfo", "--resource-usage"]  # -std comes from cpp_extension
 CXX_FLAGS = ["-O3"]
 CHUNK = 16
-# Threads per state row (2, 4 or 8); chosen from bench/wkv_kernel.py on H100/H200. RWKV7_WKV_LANES="fwd,bwd" overrides.
-FWD_LANES, BWD_LANES = 4, 4
+# Thread layout codes (kernels/wkv7/wkv7.cu): 2, 4, 8 = that many threads per state row; 24, 28, 48 = R rows (first
+# digit) shared by LC threads (second digit). Chosen from bench/wkv_kernel.py; RWKV7_WKV_LANES="fwd,bwd" overrides.
+LAYOUTS = (2, 4, 8, 24, 28, 48)
+FWD_LANES, BWD_LANES = 48, 24
 if os.environ.get("RWKV7_WKV_LANES"):
     FWD_LANES, BWD_LANES = (int(x) for x in os.environ["RWKV7_WKV_LANES"].split(","))
 

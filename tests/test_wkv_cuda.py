@@ -114,9 +114,9 @@ def test_matches_fp64_reference(B, T, H, with_state, zrange):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("lanes", [2, 4, 8])
+@pytest.mark.parametrize("lanes", wkv_cuda.LAYOUTS)
 def test_every_lane_variant(lanes):
-    """Each compiled layout (threads per state row), called through the raw ops."""
+    """Each compiled thread layout, called through the raw ops (forward and backward use the same code)."""
     wkv_cuda.load()
     B, T, H = 3, 64, 12
     xs = make_inputs(B, T, H, "cuda", seed=lanes)

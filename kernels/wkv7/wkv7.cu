@@ -96,35 +96,41 @@ __device__ __forceinline__ int col_of(int p, int q, int e, int LC) { return 4 * 
 
 // ------------------------------------------------------------------------------------------------ forward
 
-template <int LC>
-__global__ void __launch_bounds__(64 * LC, (LC <= 4 ? 2 : 1))
+// A thread owns R rows x (64/LC) columns: each column value read from shared memory serves R rows (shared-memory
+// traffic, not arithmetic, bounds this loop), and the LC lanes of a row group reduce sa and y by shuffles.
+template <int R, int LC>
+__global__ void __launch_bounds__(64 / R * LC, (64 / R * LC <= 256 ? 2 : 1))
 wkv7_fwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restrict__ w_, const bf16* __restrict__ k_,
                 const bf16* __restrict__ v_, const bf16* __restrict__ a_, const bf16* __restrict__ b_,
                 const float* __restrict__ s0_, bf16* __restrict__ y_, float* __restrict__ ckpt_,
                 float* __restrict__ sa_, int save_all) {
-    constexpr int NT = 64 * LC, CPT = N / LC, NQ = CPT / 4;
+    constexpr int NT = 64 / R * LC, CPT = N / LC, NQ = CPT / 4;
+    static_assert(NT % 128 == 0, "staging assumes whole groups of 128 threads");
     constexpr int G = NT / 128;                 // groups of 128 threads; each group stages whole tensors
     constexpr int NX = 6, PF = (NX + G - 1) / G;
     __shared__ __align__(16) float sh_in[NX][CH][N];  // r, decay, k, v, a, b
     __shared__ __align__(16) float sh_sa[CH][N];
     __shared__ __align__(16) bf16 sh_y[CH][N];
 
-    const int tid = threadIdx.x, i = tid / LC, p = tid % LC;
+    const int tid = threadIdx.x, i0 = (tid / LC) * R, p = tid % LC;
     const int bh = blockIdx.x, bb = bh / H, hh = bh % H;
     const int NC = T / CH;
     const int g = tid / 128, vi = tid % 128, vtt = vi / 8, vc8 = vi % 8;
 
-    float S[CPT];
-    if (s0_ != nullptr) {
-        const float* s0 = s0_ + (size_t)bh * N * N + i * N;
+    float S[R][CPT];
 #pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-            const float4 x = *reinterpret_cast<const float4*>(s0 + col_of(p, q, 0, LC));
-            S[4 * q] = x.x; S[4 * q + 1] = x.y; S[4 * q + 2] = x.z; S[4 * q + 3] = x.w;
+    for (int rr = 0; rr < R; ++rr) {
+        if (s0_ != nullptr) {
+            const float* s0 = s0_ + (size_t)bh * N * N + (i0 + rr) * N;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 x = *reinterpret_cast<const float4*>(s0 + col_of(p, q, 0, LC));
+                S[rr][4 * q] = x.x; S[rr][4 * q + 1] = x.y; S[rr][4 * q + 2] = x.z; S[rr][4 * q + 3] = x.w;
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) S[rr][c] = 0.0f;
         }
-    } else {
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) S[c] = 0.0f;
     }
 
     uint4 pf[PF];
@@ -156,6 +162,25 @@ wkv7_fwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
             }
         }
     };
+    // sum_j S[rr][j] vec[j] for every owned row, each vec element loaded once; two accumulators per row
+    auto rows_dot = [&](const float* vec, float* out) {
+        float acc[R][2];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) acc[rr][0] = acc[rr][1] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+            const float4 x = *reinterpret_cast<const float4*>(vec + col_of(p, q, 0, LC));
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) {
+                acc[rr][0] = fmaf(S[rr][4 * q + 0], x.x, acc[rr][0]);
+                acc[rr][1] = fmaf(S[rr][4 * q + 1], x.y, acc[rr][1]);
+                acc[rr][0] = fmaf(S[rr][4 * q + 2], x.z, acc[rr][0]);
+                acc[rr][1] = fmaf(S[rr][4 * q + 3], x.w, acc[rr][1]);
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) out[rr] = row_allreduce<LC>(acc[rr][0] + acc[rr][1]);
+    };
 
     issue(0);
     commit();
@@ -163,34 +188,44 @@ wkv7_fwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
 
     for (int c = 0; c < NC; ++c) {
         if (c + 1 < NC) issue(c + 1);
-#pragma unroll 4
+#pragma unroll 2
         for (int tt = 0; tt < CH; ++tt) {
-            float sa = row_allreduce<LC>(dot_cols<LC>(S, sh_in[4][tt], p));
-            const float v_i = sh_in[3][tt][i];
+            float sa[R], y[R], vv[R];
+            rows_dot(sh_in[4][tt], sa);
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) vv[rr] = sh_in[3][tt][i0 + rr];
 #pragma unroll
             for (int q = 0; q < NQ; ++q) {
                 const int j = col_of(p, q, 0, LC);
                 const float4 d = *reinterpret_cast<const float4*>(&sh_in[1][tt][j]);
                 const float4 bv = *reinterpret_cast<const float4*>(&sh_in[5][tt][j]);
                 const float4 kv = *reinterpret_cast<const float4*>(&sh_in[2][tt][j]);
-                S[4 * q + 0] = fmaf(S[4 * q + 0], d.x, fmaf(sa, bv.x, v_i * kv.x));
-                S[4 * q + 1] = fmaf(S[4 * q + 1], d.y, fmaf(sa, bv.y, v_i * kv.y));
-                S[4 * q + 2] = fmaf(S[4 * q + 2], d.z, fmaf(sa, bv.z, v_i * kv.z));
-                S[4 * q + 3] = fmaf(S[4 * q + 3], d.w, fmaf(sa, bv.w, v_i * kv.w));
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    S[rr][4 * q + 0] = fmaf(S[rr][4 * q + 0], d.x, fmaf(sa[rr], bv.x, vv[rr] * kv.x));
+                    S[rr][4 * q + 1] = fmaf(S[rr][4 * q + 1], d.y, fmaf(sa[rr], bv.y, vv[rr] * kv.y));
+                    S[rr][4 * q + 2] = fmaf(S[rr][4 * q + 2], d.z, fmaf(sa[rr], bv.z, vv[rr] * kv.z));
+                    S[rr][4 * q + 3] = fmaf(S[rr][4 * q + 3], d.w, fmaf(sa[rr], bv.w, vv[rr] * kv.w));
+                }
             }
-            const float y = row_allreduce<LC>(dot_cols<LC>(S, sh_in[0][tt], p));
+            rows_dot(sh_in[0][tt], y);
             if (p == 0) {
-                sh_y[tt][i] = __float2bfloat16_rn(y);
-                sh_sa[tt][i] = sa;
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    sh_y[tt][i0 + rr] = __float2bfloat16_rn(y[rr]);
+                    sh_sa[tt][i0 + rr] = sa[rr];
+                }
             }
         }
         // checkpoint: every chunk when training, else only the final state
         if (save_all || c == NC - 1) {
-            float* dst = ckpt_ + ((size_t)bh * (save_all ? NC : 1) + (save_all ? c : 0)) * N * N + i * N;
+            float* dst = ckpt_ + ((size_t)bh * (save_all ? NC : 1) + (save_all ? c : 0)) * N * N;
 #pragma unroll
-            for (int q = 0; q < NQ; ++q)
-                *reinterpret_cast<float4*>(dst + col_of(p, q, 0, LC)) =
-                    make_float4(S[4 * q], S[4 * q + 1], S[4 * q + 2], S[4 * q + 3]);
+            for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                for (int q = 0; q < NQ; ++q)
+                    *reinterpret_cast<float4*>(dst + (i0 + rr) * N + col_of(p, q, 0, LC)) =
+                        make_float4(S[rr][4 * q], S[rr][4 * q + 1], S[rr][4 * q + 2], S[rr][4 * q + 3]);
         }
         __syncthreads();  // sh_y / sh_sa complete; everyone is done reading sh_in
         if (tid < 128) {
@@ -216,48 +251,46 @@ enum { IR = 0, ID, IK, IV, IA, IB, IDY, IWF, ISA, NIN };
 // output buffer order (bf16): dr, dw, dk, dv, da, db
 enum { OR_ = 0, OW, OK, OV, OA, OB, NOUT };
 
-template <int LC>
 struct BwdSmem {
     float in[NIN][CH][N];
     float dsa[2][N];
     bf16 out[NOUT][CH][N];
 };
 
-template <int LC>
-__global__ void __launch_bounds__(64 * LC, (LC <= 4 ? 2 : 1))
+// A thread owns R key channels i0..i0+R-1 (their S columns, dS rows and dS columns) x 64/LC entries each.
+template <int R, int LC>
+__global__ void __launch_bounds__(64 / R * LC, (64 / R * LC <= 256 ? 2 : 1))
 wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restrict__ w_, const bf16* __restrict__ k_,
                 const bf16* __restrict__ v_, const bf16* __restrict__ a_, const bf16* __restrict__ b_,
                 const bf16* __restrict__ dy_, const float* __restrict__ ckpt_, const float* __restrict__ sa_,
                 const float* __restrict__ dsT_, bf16* __restrict__ dr_, bf16* __restrict__ dw_,
                 bf16* __restrict__ dk_, bf16* __restrict__ dv_, bf16* __restrict__ da_, bf16* __restrict__ db_,
                 float* __restrict__ ds0_) {
-    constexpr int NT = 64 * LC, CPT = N / LC, NQ = CPT / 4;
+    constexpr int NT = 64 / R * LC, CPT = N / LC, NQ = CPT / 4;
+    static_assert(NT % 128 == 0, "staging assumes whole groups of 128 threads");
     constexpr int G = NT / 128;
     constexpr int NX = 9, PF = (NX + G - 1) / G;  // 7 bf16 tensors + sa (fp32: two 128-vector halves)
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    BwdSmem<LC>& sm = *reinterpret_cast<BwdSmem<LC>*>(smem_raw);
+    BwdSmem& sm = *reinterpret_cast<BwdSmem*>(smem_raw);
 
-    const int tid = threadIdx.x, i = tid / LC, p = tid % LC;
+    const int tid = threadIdx.x, i0 = (tid / LC) * R, p = tid % LC;
     const int bh = blockIdx.x, bb = bh / H, hh = bh % H;
     const int NC = T / CH;
     const int g = tid / 128, vi = tid % 128;
     const float* ckpt = ckpt_ + (size_t)bh * NC * N * N;
 
-    float ST[CPT], dS[CPT], dST[CPT], ckpf[CPT];
-    if (dsT_ != nullptr) {
-        const float* ds = dsT_ + (size_t)bh * N * N;
+    float ST[R][CPT], dS[R][CPT], dST[R][CPT], ckpf[R][CPT];
 #pragma unroll
-        for (int q = 0; q < NQ; ++q) {
+    for (int rr = 0; rr < R; ++rr) {
+        const int i = i0 + rr;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = col_of(p, q, e, LC);
-                dS[4 * q + e] = ds[i * N + j];
-                dST[4 * q + e] = ds[j * N + i];
+                dS[rr][4 * q + e] = dsT_ != nullptr ? dsT_[(size_t)bh * N * N + i * N + j] : 0.0f;
+                dST[rr][4 * q + e] = dsT_ != nullptr ? dsT_[(size_t)bh * N * N + j * N + i] : 0.0f;
             }
-        }
-    } else {
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) dS[c] = dST[c] = 0.0f;
     }
 
     uint4 pf[PF];
@@ -276,9 +309,12 @@ wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
             }
         }
 #pragma unroll
-        for (int q = 0; q < NQ; ++q)
+        for (int rr = 0; rr < R; ++rr)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) ckpf[4 * q + e] = ckpt[(size_t)c * N * N + col_of(p, q, e, LC) * N + i];
+            for (int q = 0; q < NQ; ++q)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    ckpf[rr][4 * q + e] = ckpt[(size_t)c * N * N + col_of(p, q, e, LC) * N + i0 + rr];
     };
     auto commit = [&]() {
 #pragma unroll
@@ -288,7 +324,6 @@ wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
                 const int tt = vi / 8, c8 = (vi % 8) * 8;
                 float f[8];
                 bf8_to_f32(pf[u], f);
-                const int slot = x == 6 ? IDY : x;  // r, w->decay, k, v, a, b keep their index
                 if (x == 1) {
                     float wf[8];
 #pragma unroll
@@ -301,7 +336,7 @@ wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
                     dw[0] = make_float4(wf[0], wf[1], wf[2], wf[3]);
                     dw[1] = make_float4(wf[4], wf[5], wf[6], wf[7]);
                 }
-                float4* dst = reinterpret_cast<float4*>(&sm.in[slot][tt][c8]);
+                float4* dst = reinterpret_cast<float4*>(&sm.in[x][tt][c8]);  // slots 0..6 = r,decay,k,v,a,b,dy
                 dst[0] = make_float4(f[0], f[1], f[2], f[3]);
                 dst[1] = make_float4(f[4], f[5], f[6], f[7]);
             } else if (x < NX) {
@@ -310,7 +345,9 @@ wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
             }
         }
     };
-    auto put = [&](int slot, int tt, float val) { sm.out[slot][tt][i] = __float2bfloat16_rn(val); };
+    auto put = [&](int slot, int tt, int i, float val) { sm.out[slot][tt][i] = __float2bfloat16_rn(val); };
+    auto ld4 = [&](const float* vec, int q) { return *reinterpret_cast<const float4*>(vec + col_of(p, q, 0, LC)); };
+    constexpr bool WRITER_ALL = (LC == 2);
 
     issue(NC - 1);
     commit();
@@ -318,101 +355,109 @@ wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
 
     for (int c = NC - 1; c >= 0; --c) {
 #pragma unroll
-        for (int m = 0; m < CPT; ++m) ST[m] = ckpf[m];  // S after the chunk's last step
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+            for (int m = 0; m < CPT; ++m) ST[rr][m] = ckpf[rr][m];  // S after the chunk's last step
         if (c > 0) issue(c - 1);
 
 #pragma unroll 1
         for (int tt = CH - 1; tt >= 0; --tt) {
-            const float r_i = sm.in[IR][tt][i], d_i = sm.in[ID][tt][i], k_i = sm.in[IK][tt][i];
-            const float a_i = sm.in[IA][tt][i], b_i = sm.in[IB][tt][i], dy_i = sm.in[IDY][tt][i];
-
-            // dr uses S_t (column i)
-            const float dr = dot_cols<LC>(ST, sm.in[IDY][tt], p);
-            // dS_t += dy r^T, in both the row copy and the column copy
+            float r_i[R], d_i[R], k_i[R], a_i[R], b_i[R], dy_i[R];
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) {
+                r_i[rr] = sm.in[IR][tt][i0 + rr]; d_i[rr] = sm.in[ID][tt][i0 + rr];
+                k_i[rr] = sm.in[IK][tt][i0 + rr]; a_i[rr] = sm.in[IA][tt][i0 + rr];
+                b_i[rr] = sm.in[IB][tt][i0 + rr]; dy_i[rr] = sm.in[IDY][tt][i0 + rr];
+            }
+            float dr[R], qA[R][4], dd[R], da[R];
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) { dr[rr] = dd[rr] = da[rr] = 0.f; qA[rr][0] = qA[rr][1] = qA[rr][2] = qA[rr][3] = 0.f; }
+            // dr uses S_t; then dS_t += dy r^T (row copy and column copy); then the group-A dot products
 #pragma unroll
             for (int q = 0; q < NQ; ++q) {
-                const int j = col_of(p, q, 0, LC);
-                const float4 rv = *reinterpret_cast<const float4*>(&sm.in[IR][tt][j]);
-                const float4 dyv = *reinterpret_cast<const float4*>(&sm.in[IDY][tt][j]);
-                dS[4 * q + 0] = fmaf(dy_i, rv.x, dS[4 * q + 0]);
-                dS[4 * q + 1] = fmaf(dy_i, rv.y, dS[4 * q + 1]);
-                dS[4 * q + 2] = fmaf(dy_i, rv.z, dS[4 * q + 2]);
-                dS[4 * q + 3] = fmaf(dy_i, rv.w, dS[4 * q + 3]);
-                dST[4 * q + 0] = fmaf(dyv.x, r_i, dST[4 * q + 0]);
-                dST[4 * q + 1] = fmaf(dyv.y, r_i, dST[4 * q + 1]);
-                dST[4 * q + 2] = fmaf(dyv.z, r_i, dST[4 * q + 2]);
-                dST[4 * q + 3] = fmaf(dyv.w, r_i, dST[4 * q + 3]);
+                const float4 dyv = ld4(sm.in[IDY][tt], q), rv = ld4(sm.in[IR][tt], q);
+                const float4 bv = ld4(sm.in[IB][tt], q), kv = ld4(sm.in[IK][tt], q);
+                const float4 vv = ld4(sm.in[IV][tt], q), sv = ld4(sm.in[ISA][tt], q);
+                const float dyx[4] = {dyv.x, dyv.y, dyv.z, dyv.w}, rx[4] = {rv.x, rv.y, rv.z, rv.w};
+                const float bx[4] = {bv.x, bv.y, bv.z, bv.w}, kx[4] = {kv.x, kv.y, kv.z, kv.w};
+                const float vx[4] = {vv.x, vv.y, vv.z, vv.w}, sx[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = 4 * q + e;
+                        dr[rr] = fmaf(ST[rr][m], dyx[e], dr[rr]);
+                        dS[rr][m] = fmaf(dy_i[rr], rx[e], dS[rr][m]);
+                        dST[rr][m] = fmaf(dyx[e], r_i[rr], dST[rr][m]);
+                        qA[rr][0] = fmaf(dS[rr][m], bx[e], qA[rr][0]);    // dsa
+                        qA[rr][1] = fmaf(dS[rr][m], kx[e], qA[rr][1]);    // dv
+                        qA[rr][2] = fmaf(dST[rr][m], vx[e], qA[rr][2]);   // dk
+                        qA[rr][3] = fmaf(dST[rr][m], sx[e], qA[rr][3]);   // db
+                    }
             }
-            // group A: dsa_i, dv_i (row i of dS), dk_i, db_i (column i of dS)
-            {
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) {
                 float o0, o1;
-                reduce4<LC>(dot_cols<LC>(dS, sm.in[IB][tt], p), dot_cols<LC>(dS, sm.in[IK][tt], p),
-                            dot_cols<LC>(dST, sm.in[IV][tt], p), dot_cols<LC>(dST, sm.in[ISA][tt], p), p, o0, o1);
-                const int qa = reduce4_qidx<LC>(p);
-                if (LC == 2 || (p >> 2) == 0) {
+                reduce4<LC>(qA[rr][0], qA[rr][1], qA[rr][2], qA[rr][3], p, o0, o1);
+                const int qa = reduce4_qidx<LC>(p), i = i0 + rr;
+                if (WRITER_ALL || (p >> 2) == 0) {
                     // quantity index -> destination: 0 dsa (shared), 1 dv, 2 dk, 3 db
                     if (qa == 0) sm.dsa[tt & 1][i] = o0;
-                    else if (qa == 1) put(OV, tt, o0);
-                    else if (qa == 2) put(OK, tt, o0);
-                    else put(OB, tt, o0);
-                    if (LC == 2) {
-                        if (qa + 1 == 1) put(OV, tt, o1);
-                        else put(OB, tt, o1);
+                    else if (qa == 1) put(OV, tt, i, o0);
+                    else if (qa == 2) put(OK, tt, i, o0);
+                    else put(OB, tt, i, o0);
+                    if (WRITER_ALL) put(qa == 0 ? OV : OB, tt, i, o1);
+                }
+            }
+            // S_{t-1} column i = (S_t - v k_i - sa b_i) / decay_i, then dd = <G column i, S_{t-1} column i>
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 vv = ld4(sm.in[IV][tt], q), sv = ld4(sm.in[ISA][tt], q);
+                const float vx[4] = {vv.x, vv.y, vv.z, vv.w}, sx[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    const float inv = 1.0f / d_i[rr], kin = k_i[rr] * inv, bin = b_i[rr] * inv;
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = 4 * q + e;
+                        ST[rr][m] = fmaf(-sx[e], bin, fmaf(-vx[e], kin, ST[rr][m] * inv));
+                        dd[rr] = fmaf(dST[rr][m], ST[rr][m], dd[rr]);
                     }
                 }
             }
-            // S_{t-1} column i = (S_t - v k_i - sa b_i) / decay_i
-            {
-                const float inv = 1.0f / d_i, kin = k_i * inv, bin = b_i * inv;
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const int j = col_of(p, q, 0, LC);
-                    const float4 vv = *reinterpret_cast<const float4*>(&sm.in[IV][tt][j]);
-                    const float4 sv = *reinterpret_cast<const float4*>(&sm.in[ISA][tt][j]);
-                    ST[4 * q + 0] = fmaf(-sv.x, bin, fmaf(-vv.x, kin, ST[4 * q + 0] * inv));
-                    ST[4 * q + 1] = fmaf(-sv.y, bin, fmaf(-vv.y, kin, ST[4 * q + 1] * inv));
-                    ST[4 * q + 2] = fmaf(-sv.z, bin, fmaf(-vv.z, kin, ST[4 * q + 2] * inv));
-                    ST[4 * q + 3] = fmaf(-sv.w, bin, fmaf(-vv.w, kin, ST[4 * q + 3] * inv));
-                }
-            }
-            float dd;
-            {
-                float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int m = 0; m < CPT; ++m) acc[m & 3] = fmaf(dST[m], ST[m], acc[m & 3]);
-                dd = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-            }
             __syncthreads();  // dsa of every row is visible
-            const float dsa_i = sm.dsa[tt & 1][i];
-            const float da = dot_cols<LC>(ST, sm.dsa[tt & 1], p);
-            {
-                float o0, o1;
-                reduce4<LC>(dr, dd, da, 0.0f, p, o0, o1);
-                const int qb = reduce4_qidx<LC>(p);
-                const float wf_i = sm.in[IWF][tt][i];
-                if (LC == 2 || (p >> 2) == 0) {
-                    // quantity index -> destination: 0 dr, 1 dw, 2 da, 3 unused
-                    if (qb == 0) put(OR_, tt, o0);
-                    else if (qb == 1) put(OW, tt, o0 * wf_i);
-                    else if (qb == 2) put(OA, tt, o0);
-                    if (LC == 2 && qb == 0) put(OW, tt, o1 * wf_i);
-                }
-            }
-            // dS_{t-1} = G diag(decay) + dsa a^T (row i and column i)
+            float dsa_i[R];
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) dsa_i[rr] = sm.dsa[tt & 1][i0 + rr];
+            // da, and dS_{t-1} = G diag(decay) + dsa a^T (rows i and columns i)
 #pragma unroll
             for (int q = 0; q < NQ; ++q) {
-                const int j = col_of(p, q, 0, LC);
-                const float4 dv4 = *reinterpret_cast<const float4*>(&sm.in[ID][tt][j]);
-                const float4 av = *reinterpret_cast<const float4*>(&sm.in[IA][tt][j]);
-                const float4 ds = *reinterpret_cast<const float4*>(&sm.dsa[tt & 1][j]);
-                dS[4 * q + 0] = fmaf(dS[4 * q + 0], dv4.x, dsa_i * av.x);
-                dS[4 * q + 1] = fmaf(dS[4 * q + 1], dv4.y, dsa_i * av.y);
-                dS[4 * q + 2] = fmaf(dS[4 * q + 2], dv4.z, dsa_i * av.z);
-                dS[4 * q + 3] = fmaf(dS[4 * q + 3], dv4.w, dsa_i * av.w);
-                dST[4 * q + 0] = fmaf(dST[4 * q + 0], d_i, ds.x * a_i);
-                dST[4 * q + 1] = fmaf(dST[4 * q + 1], d_i, ds.y * a_i);
-                dST[4 * q + 2] = fmaf(dST[4 * q + 2], d_i, ds.z * a_i);
-                dST[4 * q + 3] = fmaf(dST[4 * q + 3], d_i, ds.w * a_i);
+                const float4 ds = ld4(sm.dsa[tt & 1], q), dv4 = ld4(sm.in[ID][tt], q), av = ld4(sm.in[IA][tt], q);
+                const float dsx[4] = {ds.x, ds.y, ds.z, ds.w}, dx[4] = {dv4.x, dv4.y, dv4.z, dv4.w};
+                const float ax[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = 4 * q + e;
+                        da[rr] = fmaf(ST[rr][m], dsx[e], da[rr]);
+                        dS[rr][m] = fmaf(dS[rr][m], dx[e], dsa_i[rr] * ax[e]);
+                        dST[rr][m] = fmaf(dST[rr][m], d_i[rr], dsx[e] * a_i[rr]);
+                    }
+            }
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) {
+                float o0, o1;
+                reduce4<LC>(dr[rr], dd[rr], da[rr], 0.0f, p, o0, o1);
+                const int qb = reduce4_qidx<LC>(p), i = i0 + rr;
+                const float wf_i = sm.in[IWF][tt][i];
+                if (WRITER_ALL || (p >> 2) == 0) {
+                    // quantity index -> destination: 0 dr, 1 dw, 2 da, 3 unused
+                    if (qb == 0) put(OR_, tt, i, o0);
+                    else if (qb == 1) put(OW, tt, i, o0 * wf_i);
+                    else if (qb == 2) put(OA, tt, i, o0);
+                    if (WRITER_ALL && qb == 0) put(OW, tt, i, o1 * wf_i);
+                }
             }
         }
         __syncthreads();  // out buffer complete; sm.in no longer read
@@ -425,34 +470,37 @@ wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
         if (c > 0) commit();
         __syncthreads();
     }
-    // gradient of the initial state: dS after step 0, row i
-    float* ds0 = ds0_ + (size_t)bh * N * N + i * N;
+    // gradient of the initial state: dS after step 0, rows i0..i0+R-1
 #pragma unroll
-    for (int q = 0; q < NQ; ++q)
-        *reinterpret_cast<float4*>(ds0 + col_of(p, q, 0, LC)) =
-            make_float4(dS[4 * q], dS[4 * q + 1], dS[4 * q + 2], dS[4 * q + 3]);
+    for (int rr = 0; rr < R; ++rr) {
+        float* ds0 = ds0_ + (size_t)bh * N * N + (i0 + rr) * N;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q)
+            *reinterpret_cast<float4*>(ds0 + col_of(p, q, 0, LC)) =
+                make_float4(dS[rr][4 * q], dS[rr][4 * q + 1], dS[rr][4 * q + 2], dS[rr][4 * q + 3]);
+    }
 }
 
-template <int LC>
+template <int R, int LC>
 cudaError_t launch_fwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
                        const void* a, const void* b, const float* s0, void* y, float* ckpt, float* sa, bool save_all,
                        cudaStream_t stream) {
-    wkv7_fwd_kernel<LC><<<B * H, 64 * LC, 0, stream>>>(
+    wkv7_fwd_kernel<R, LC><<<B * H, 64 / R * LC, 0, stream>>>(
         T, H, (const bf16*)r, (const bf16*)w, (const bf16*)k, (const bf16*)v, (const bf16*)a, (const bf16*)b, s0,
         (bf16*)y, ckpt, sa, save_all ? 1 : 0);
     return cudaGetLastError();
 }
 
-template <int LC>
+template <int R, int LC>
 cudaError_t launch_bwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
                        const void* a, const void* b, const void* dy, const float* ckpt, const float* sa,
                        const float* dsT, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
                        cudaStream_t stream) {
-    const int smem = (int)sizeof(BwdSmem<LC>);
+    const int smem = (int)sizeof(BwdSmem);
     // above 48 KB a kernel must opt in; cheap enough to repeat per launch (per device, too)
-    cudaError_t err = cudaFuncSetAttribute(wkv7_bwd_kernel<LC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaError_t err = cudaFuncSetAttribute(wkv7_bwd_kernel<R, LC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
-    wkv7_bwd_kernel<LC><<<B * H, 64 * LC, smem, stream>>>(
+    wkv7_bwd_kernel<R, LC><<<B * H, 64 / R * LC, smem, stream>>>(
         T, H, (const bf16*)r, (const bf16*)w, (const bf16*)k, (const bf16*)v, (const bf16*)a, (const bf16*)b,
         (const bf16*)dy, ckpt, sa, dsT, (bf16*)dr, (bf16*)dw, (bf16*)dk, (bf16*)dv, (bf16*)da, (bf16*)db, ds0);
     return cudaGetLastError();
@@ -460,14 +508,18 @@ cudaError_t launch_bwd(int B, int T, int H, const void* r, const void* w, const 
 
 }  // namespace
 
-// Entry points for the binding (wkv7_op.cpp). lanes = threads per state row (2, 4 or 8).
+// Entry points for the binding (wkv7_op.cpp). Forward layout code: 2, 4, 8 = LC threads per single row; 24, 28, 48 =
+// R rows (first digit) per group of LC threads (second digit). Backward: the same codes.
 cudaError_t wkv7_forward_cuda(int lanes, int B, int T, int H, const void* r, const void* w, const void* k,
                               const void* v, const void* a, const void* b, const float* s0, void* y, float* ckpt,
                               float* sa, bool save_all, cudaStream_t stream) {
     switch (lanes) {
-        case 2: return launch_fwd<2>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
-        case 4: return launch_fwd<4>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
-        case 8: return launch_fwd<8>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
+        case 2: return launch_fwd<1, 2>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
+        case 4: return launch_fwd<1, 4>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
+        case 8: return launch_fwd<1, 8>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
+        case 24: return launch_fwd<2, 4>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
+        case 28: return launch_fwd<2, 8>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
+        case 48: return launch_fwd<4, 8>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
         default: return cudaErrorInvalidValue;
     }
 }
@@ -477,9 +529,11 @@ cudaError_t wkv7_backward_cuda(int lanes, int B, int T, int H, const void* r, co
                                const float* sa, const float* dsT, void* dr, void* dw, void* dk, void* dv, void* da,
                                void* db, float* ds0, cudaStream_t stream) {
     switch (lanes) {
-        case 2: return launch_bwd<2>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, dr, dw, dk, dv, da, db, ds0, stream);
-        case 4: return launch_bwd<4>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, dr, dw, dk, dv, da, db, ds0, stream);
-        case 8: return launch_bwd<8>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, dr, dw, dk, dv, da, db, ds0, stream);
+#define WKV7_BWD_CASE(code, R, LC) \
+        case code: return launch_bwd<R, LC>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, dr, dw, dk, dv, da, db, ds0, stream);
+        WKV7_BWD_CASE(2, 1, 2) WKV7_BWD_CASE(4, 1, 4) WKV7_BWD_CASE(8, 1, 8)
+        WKV7_BWD_CASE(24, 2, 4) WKV7_BWD_CASE(28, 2, 8) WKV7_BWD_CASE(48, 4, 8)
+#undef WKV7_BWD_CASE
         default: return cudaErrorInvalidValue;
     }
 }
