@@ -214,7 +214,8 @@ def generate(model, prompts: Sequence[Sequence[int]], n_tokens: int, temperature
 
     align = KERNEL_ALIGN if kernel_active(device) else 1  # loads the wkv kernel (once) outside the timing
     if device.type == "cuda":  # one-time CUDA/cuBLAS/kernel initialisation, also outside the timing
-        prefill(model, idx[:1, :min(idx.shape[1], KERNEL_ALIGN)], align=align)
+        warm, _ = prefill(model, idx[:1, :min(idx.shape[1], KERNEL_ALIGN)], align=align)
+        sample(warm, temperature, top_p, torch.Generator(device=device).manual_seed(0))
     _sync(device)
     t0 = time.perf_counter()
     logits, state = prefill(model, idx, align=align)
