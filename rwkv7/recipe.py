@@ -76,6 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 0        # non-finite losses tolerated (skipped) before the run stops
     num_workers: int = 1
+    cpu_threads: int = 0          # torch threads on CPU runs; 0: torch's default. 1 makes CPU logs bit-reproducible
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Recipe:
     def fingerprint(self) -> str:
         """Hash of everything that changes the numbers a run produces (not its length, saving or hardware count)."""
         d = self.to_dict()
-        for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers"):
+        for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers", "max_bad_steps"):
             d["train"].pop(k)
         d.pop("check")
         d.pop("description")
@@ -234,7 +235,7 @@ def validate(r: Recipe) -> None:
               "train.max_bad_steps": t.max_bad_steps, "data.magic_prime": d.magic_prime,
               "data.my_exit_tokens": d.my_exit_tokens, "check.tolerance": c.tolerance,
               "check.rel_tolerance": c.rel_tolerance, "check.max_outliers": c.max_outliers,
-              "train.num_workers": t.num_workers}
+              "train.num_workers": t.num_workers, "train.cpu_threads": t.cpu_threads}
     for name, value in nonneg.items():
         if value < 0:
             raise UserError(f"{name} must be >= 0, got {value}")

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from rwkv7 import testhooks
 from rwkv7.init import GROUP_LR_SCALE, optimizer_group
 from rwkv7.model import RWKV7
 from rwkv7.recipe import Recipe
@@ -61,12 +62,12 @@ class NonFiniteLoss(Exception):
 
 
 class RWKV7Module(pl.LightningModule):
-    def __init__(self, model: RWKV7, recipe: Recipe):
+    def __init__(self, model: RWKV7, recipe: Recipe, bad_steps: int = 0):
         super().__init__()
         self.model = model
         self.recipe = recipe
         self.run_step = 0            # the run's global step, set by the tracker before each batch
-        self.bad_steps = 0
+        self.bad_steps = bad_steps   # non-finite steps so far (carried across resumes)
         self.last_grad_norm = None
 
     def forward(self, idx):
@@ -75,6 +76,8 @@ class RWKV7Module(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = lm_loss(self.model(x), y)
+        if testhooks.fault("nan", self.run_step):
+            loss = loss * float("nan")
         if not torch.isfinite(loss.detach()):
             return self._bad_step(f"loss is {float(loss)}", loss)
         return loss

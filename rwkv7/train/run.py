@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv7 import checkpoint as ckpt
+from rwkv7 import checkpoint as ckpt, testhooks
 from rwkv7.data.source import TrainingData, prepare_data
 from rwkv7.errors import UserError
 from rwkv7.fsutil import append_line, atomic_write_text
@@ -134,7 +135,8 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             pl_module.run_step = state.step
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = float(outputs["loss"]) if outputs is not None else float("nan")
+            skipped = not isinstance(outputs, dict)  # training_step returned None: a skipped bad step
+            loss = float("nan") if skipped else float(outputs["loss"])
             state.step += 1
             if math.isfinite(loss):
                 state.loss_sum += loss
@@ -157,6 +159,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                 trainer.should_stop = True
             if state.step >= last_step:
                 trainer.should_stop = True
+            testhooks.kill_if("kill", state.step)
 
         def _metric(self, trainer, pl_module, loss):
             if not trainer.is_global_zero:
@@ -205,6 +208,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
 
 
 def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, state: RunState) -> None:
+    state.bad_steps = pl_module.bad_steps
     meta = {"state": asdict(state), "fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(),
             "world_size": trainer.world_size, "time": datetime.datetime.now().isoformat()}
     engine = getattr(trainer.strategy, "deepspeed_engine", None)
@@ -212,15 +216,23 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
     if trainer.is_global_zero:
         tmp = ckpt.begin_checkpoint(run_dir, state.step)
     trainer.strategy.barrier()
-    if engine is not None:
-        engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
+    try:
+        if engine is not None:
+            engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
+            if trainer.is_global_zero:
+                ckpt.save_weights(pl_module.model, tmp / "weights.pth")
+        elif trainer.is_global_zero:
+            ckpt.save_plain_state(tmp, pl_module.model, trainer.optimizers[0])
+        testhooks.kill_if("kill-ckpt", state.step)
+        trainer.strategy.barrier()
         if trainer.is_global_zero:
-            ckpt.save_weights(pl_module.model, tmp / "weights.pth")
-    elif trainer.is_global_zero:
-        ckpt.save_plain_state(tmp, pl_module.model, trainer.optimizers[0])
-    trainer.strategy.barrier()
-    if trainer.is_global_zero:
-        ckpt.commit_checkpoint(tmp, meta, recipe.train.keep_checkpoints)
+            ckpt.commit_checkpoint(tmp, meta, recipe.train.keep_checkpoints)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = ckpt.checkpoint_dirs(run_dir)
+        raise UserError(f"could not write the checkpoint of step {state.step} ({e.strerror or e}); "
+                        f"{'kept ' + kept[-1].name if kept else 'no earlier checkpoint exists'}: free disk space "
+                        "in " + str(run_dir) + " and run the same command to resume") from None
     trainer.strategy.barrier()
 
 
@@ -311,6 +323,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
         return finish(recipe, run_dir, check)
 
     torch.manual_seed(recipe.train.seed)
+    if recipe.train.accelerator == "cpu" and recipe.train.cpu_threads:
+        torch.set_num_threads(recipe.train.cpu_threads)
     m = recipe.model
     model = RWKV7(ModelShape(m.n_layer, m.n_embd, m.vocab_size, m.head_size), grad_cp=bool(recipe.train.grad_cp))
     log = run_dir / "train_log.txt"
@@ -338,8 +352,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
                                          num_workers=recipe.train.num_workers, drop_last=True,
                                          pin_memory=recipe.train.accelerator == "gpu",
                                          persistent_workers=False)
-    module = RWKV7Module(model, recipe)
-    module.state = state
+    module = RWKV7Module(model, recipe, bad_steps=state.bad_steps)
     tracker = make_tracker(recipe, run_dir, data, state, dataset, last_step, resume_from, first_epoch, progress)
     trainer = build_trainer(recipe, [tracker], last_step - state.step)
     try:

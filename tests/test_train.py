@@ -1,0 +1,124 @@
+"""End-to-end CPU training: the tiny recipe trains, resumes exactly after SIGKILL, and guards against NaN/disk faults."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv7.trajectory import parse_log
+
+ROOT = Path(__file__).resolve().parent.parent
+# a short tiny run: 4 mini-epochs of 5 steps, checkpoint every mini-epoch
+SHORT = ["--set", "train.epoch_steps=5", "train.epoch_count=4", "train.epoch_save=1", "--no-progress"]
+
+
+def train_cmd(out, *extra):
+    return [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "tiny", "--out", str(out), *SHORT,
+            *extra]
+
+
+def run_train(out, *extra, env=None, check=True):
+    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    p = subprocess.run(train_cmd(out, *extra), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out):
+    return {r.epoch: r.loss for r in parse_log(Path(out) / "train_log.txt")}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_train(out, "--no-check")
+    return out
+
+
+def test_short_run_writes_official_artifacts(reference_run):
+    out = reference_run
+    log = losses(out)
+    assert sorted(log) == [0, 1, 2, 3]
+    assert log[3] < log[0] - 0.5, log  # the loss clearly falls
+    lines = (out / "train_log.txt").read_text().splitlines()
+    assert lines[0].startswith("NEW RUN ")
+    for name in ("rwkv-init.pth", "rwkv-0.pth", "rwkv-3.pth", "rwkv-final.pth", "metrics.jsonl", "run.json"):
+        assert (out / name).is_file(), name
+    sd = torch.load(out / "rwkv-final.pth", weights_only=True)
+    assert sd["emb.weight"].dtype == torch.bfloat16 and "blocks.1.att.r_k" in sd
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 20
+
+
+def test_finished_run_is_not_retrained(reference_run):
+    before = (reference_run / "train_log.txt").read_text()
+    p = run_train(reference_run, "--no-check")
+    assert "nothing to do" in p.stdout
+    assert (reference_run / "train_log.txt").read_text() == before
+
+
+@pytest.mark.parametrize("fault", ["kill@7", "kill@10", "kill-ckpt@10", "kill@13"])
+def test_sigkill_then_resume_gives_the_same_log(reference_run, tmp_path, fault):
+    out = tmp_path / "run"
+    p = run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": fault}, check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / "rwkv-final.pth").exists()
+    p = run_train(out, "--no-check")
+    assert "resuming" in p.stdout
+    ref, got = losses(reference_run), losses(out)
+    assert sorted(got) == sorted(ref)
+    for e in ref:
+        assert abs(got[e] - ref[e]) <= 1e-6, (e, got[e], ref[e])
+    epoch_lines = [ln for ln in (out / "train_log.txt").read_text().splitlines() if not ln.startswith(("NEW", "{"))]
+    assert len(epoch_lines) == 4  # no duplicated or torn lines
+    assert not list((out / "ckpt").glob(".tmp-*"))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    p = run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": "nan@7"}, check=False)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "diverged at step 7" in p.stdout
+    assert [d.name for d in (out / "ckpt").iterdir()] == ["step-00000005"]
+
+
+def test_nan_step_can_be_skipped(tmp_path):
+    out = tmp_path / "run"
+    p = run_train(out, "--no-check", "--set", "train.max_bad_steps=1", env={"RWKV7_TEST_FAULT": "nan@7"})
+    assert "skipped" in p.stdout
+    assert sorted(losses(out)) == [0, 1, 2, 3]
+
+
+def test_changed_recipe_is_refused_on_resume(reference_run, tmp_path):
+    out = tmp_path / "run"
+    run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": "kill@7"}, check=False)
+    p = run_train(out, "--no-check", "--set", "train.lr_init=1e-3", check=False)
+    assert p.returncode == 2
+    assert "different recipe" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch, cli):
+    """ENOSPC while the second checkpoint is written: clear error, the first checkpoint stays whole."""
+    import errno
+
+    from rwkv7 import checkpoint
+
+    real, calls = checkpoint.save_plain_state, []
+
+    def failing(tmp, model, optimizer):
+        calls.append(tmp)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, model, optimizer)
+
+    monkeypatch.setattr(checkpoint, "save_plain_state", failing)
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--recipe", "tiny", "--out", out, *SHORT, "--no-check")
+    assert code == 2
+    assert "No space left" in err and "kept step-00000005" in err
+    assert [d.name for d in (out / "ckpt").iterdir()] == ["step-00000005"]
+    assert (out / "ckpt" / "step-00000005" / "state.pt").stat().st_size > 0
