@@ -44,14 +44,6 @@ class RunState:
     bad_steps: int = 0
 
 
-def normalise_arch_list() -> None:
-    """DeepSpeed's op builder cannot parse arch suffixes like '9.0a' (set by some CUDA images)."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if archs:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(a.strip().rstrip("af") for a in archs.replace(" ", ";").split(";")
-                                                      if a.strip())
-
-
 def preflight(recipe: Recipe) -> None:
     t = recipe.train
     if t.accelerator == "gpu":
@@ -62,7 +54,9 @@ def preflight(recipe: Recipe) -> None:
         if t.devices > torch.cuda.device_count():
             raise UserError(f"train.devices={t.devices} but only {torch.cuda.device_count()} GPU(s) are visible")
         if t.strategy.startswith("deepspeed"):
-            normalise_arch_list()
+            from rwkv7.wkv_cuda import normalise_arch_list_for_deepspeed
+
+            normalise_arch_list_for_deepspeed()
             try:
                 import deepspeed  # noqa: F401
             except Exception as e:
@@ -165,7 +159,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             if not trainer.is_global_zero:
                 return
             row = {"step": state.step, "mini_epoch": (state.step - 1) // recipe.epoch_steps, "loss": loss,
-                   "lr": self.lr, "grad_norm": getattr(pl_module, "last_grad_norm", None),
+                   "lr": self.lr, "tokens_per_step": recipe.tokens_per_step, "grad_norm": getattr(pl_module, "last_grad_norm", None),
                    "tokens_per_s": round(self.tok_s, 1)}
             if self.peak:
                 row["mfu"] = round(self.tok_s * self.flops / (self.peak * 1e12 * trainer.world_size), 4)

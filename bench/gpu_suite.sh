@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU suite in one command (README: "make gpu-test"): install the wheels brought along (if any), build the wkv7
+# kernel ahead of time, run the kernel's GPU tests and benchmark, time training, check CUDA-vs-reference parity,
+# record the 0.1b-short expected log on the stand-in corpus, and time generation. Prints a table per stage.
+#   STAGES="kernel train parity golden generate" DATA=PREFIX bash bench/gpu_suite.sh
+# DATA: a World-tokenized binidx prefix (the stand-in corpus, or minipile). Outputs go to $OUT (default /tmp/gpu-suite).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+OUT=${OUT:-/tmp/gpu-suite}; mkdir -p "$OUT"
+STAGES=${STAGES:-"kernel train parity golden generate"}
+DATA=${DATA:-.standin/standin}
+if [ -d .whl ] && ! python3 -c "import pytorch_lightning, deepspeed" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 - <<'PY'
+import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+PY
+has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
+stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
+if has kernel; then stage kernel; OUT=$OUT/kernel bash bench/gpu_kernel_suite.sh 2>&1 | tail -40; else
+  python3 kernels/build.py > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }; fi
+if has train; then stage train; python3 bench/train_bench.py --data "$DATA" --quick --json "$OUT/train_bench.json" 2>&1 | tail -12; fi
+if has parity; then stage parity; python3 bench/backend_parity.py --data "$DATA" --steps ${PARITY_STEPS:-100} --long ${LONG_STEPS:-300} 2>&1 | tail -14; fi
+if has golden; then stage golden
+  python3 entrypoint.py train --recipe 0.1b-short --out /tmp/golden --fresh --no-progress --set data.path="$DATA" 2>&1 | tail -8
+  cp /tmp/golden/train_log.txt "$OUT/0.1b-short-standin.log"; cp /tmp/golden/metrics.jsonl "$OUT/golden-metrics.jsonl"
+fi
+if has generate; then stage generate; python3 bench/generate.py --quick 2>&1 | tail -12; fi
+echo "=== done ($(date +%H:%M:%S))"

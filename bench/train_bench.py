@@ -1,0 +1,88 @@
+"""Time training through the product's own path (`entrypoint.py train`) and summarise metrics.jsonl.
+
+    python bench/train_bench.py --data PREFIX [--quick]
+
+Runs, each in its own process: the 0.1b demo shape (micro_bsz 16, ctx 512, bf16, DeepSpeed stage 2) with grad_cp 1
+and 0, then 0.4b and 1.5b for a few steps. Per run: median ms/step and tokens/s after warm-up, MFU, peak memory.
+Prints one table last and writes bench/train_bench.json (or --json PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(name: str, recipe: str, data: str, steps: int, out_root: Path, extra: list[str]) -> dict:
+    out = out_root / name
+    cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", recipe, "--out", str(out), "--fresh",
+           "--no-check", "--no-progress", "--set", f"data.path={data}", f"train.epoch_steps={steps}",
+           "train.epoch_count=1", "train.epoch_save=1000", *extra]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    if p.returncode != 0:
+        print(p.stdout[-3000:], p.stderr[-5000:], sep="\n")
+        return {"name": name, "error": f"exit {p.returncode}", "wall_s": round(wall, 1)}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warm = [r for r in rows[len(rows) // 3:] if r.get("tokens_per_s")]  # skip warm-up (compile, allocator)
+    tok_s = statistics.median(r["tokens_per_s"] for r in warm)
+    tokens_per_step = rows[0].get("tokens_per_step") or 0
+    res = {"name": name, "steps": len(rows), "tokens_per_s": round(tok_s), "wall_s": round(wall, 1),
+           "mfu": statistics.median(r.get("mfu", 0) for r in warm),
+           "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows),
+           "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+    if tokens_per_step:
+        res["ms_per_step"] = round(1000 * tokens_per_step / tok_s, 1)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True, help="binidx prefix (World tokens), e.g. the stand-in corpus")
+    ap.add_argument("--out", default="/tmp/rwkv7-train-bench")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "train_bench.json"))
+    ap.add_argument("--quick", action="store_true", help="fewer steps")
+    ap.add_argument("--only", nargs="*", help="run only these names")
+    args = ap.parse_args()
+    n = 40 if args.quick else 100
+    plan = [("0.1b grad_cp=1", "0.1b-short", n, []),
+            ("0.1b grad_cp=0", "0.1b-short", n, ["train.grad_cp=0"]),
+            ("0.4b grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=1024"]),
+            ("1.5b grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048"])]
+    results = []
+    for name, recipe, steps, extra in plan:
+        if args.only and name not in args.only:
+            continue
+        results.append(run(name.replace(" ", "_").replace("=", ""), recipe, args.data, steps, Path(args.out), extra))
+        print(json.dumps(results[-1]), flush=True)
+    Path(args.json).write_text(json.dumps({"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
+                                           "results": results}, indent=1))
+    print(f"\n{'run':18} {'steps':>5} {'tok/s':>9} {'ms/step':>8} {'MFU':>6} {'peak GiB':>9} {'loss first→last':>18}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:18} {r['error']}")
+            continue
+        print(f"{r['name']:18} {r['steps']:>5} {r['tokens_per_s']:>9,} {r.get('ms_per_step', 0):>8} "
+              f"{r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} {r['first_loss']:>8.3f}→{r['last_loss']:.3f}")
+    return 0
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
