@@ -150,6 +150,10 @@ def main(argv=None):
             tinf = bench(lambda: ext.forward(*xs, None, False, lanes))
             star = ("f" if lanes == wkv_cuda.FWD_LANES else " ") + ("b" if lanes == wkv_cuda.BWD_LANES else " ")
             rows.append((f"ours lanes={lanes}{star}", B, T, H, tf, tb, tfb, tinf))
+        fl, bl = wkv_cuda.FWD_LANES, wkv_cuda.BWD_LANES
+        tf = bench(lambda: ext.forward(*xs, None, True, fl))
+        tfb = bench(lambda: ext.backward(*xs, dy, *ext.forward(*xs, None, True, fl)[1:], None, bl))
+        rows.append((f"ours default (fwd {fl}, bwd {bl})", B, T, H, tf, tfb - tf, tfb, float("nan")))
         for name, (fwd, bwd) in official.items():
             tf = bench(lambda: fwd(*xs))
             y, s, sa = fwd(*xs)

@@ -38,7 +38,7 @@ CHUNK = 16
 # Thread layout codes (kernels/wkv7/wkv7.cu): 2, 4, 8 = that many threads per state row; 24, 28, 48 = R rows (first
 # digit) shared by LC threads (second digit). Chosen from bench/wkv_kernel.py; RWKV7_WKV_LANES="fwd,bwd" overrides.
 LAYOUTS = (2, 4, 8, 24, 28, 48)
-FWD_LANES, BWD_LANES = 48, 24
+FWD_LANES, BWD_LANES = 28, 2  # H200, 2026-11-26: fastest forward / backward of the six
 if os.environ.get("RWKV7_WKV_LANES"):
     FWD_LANES, BWD_LANES = (int(x) for x in os.environ["RWKV7_WKV_LANES"].split(","))
 
