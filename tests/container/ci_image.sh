@@ -45,7 +45,8 @@ RUN_DIR=$(mktemp -d /tmp/r7ci.XXXXXX)   # short on purpose: unix socket paths ar
 SOCK=$RUN_DIR/docker.sock
 DOCKERD_PID=""
 cleanup() {
-    local rc=$?
+    local rc=$? m
+    set +e
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
         kill -TERM "$DOCKERD_PID" 2>/dev/null || true
         for _ in $(seq 1 40); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
@@ -55,10 +56,14 @@ cleanup() {
     if [ "$rc" != 0 ] && [ -f "$RUN_DIR/dockerd.log" ]; then
         echo "--- dockerd.log (last 30 lines) ---" >&2; tail -n 30 "$RUN_DIR/dockerd.log" >&2
     fi
+    # dockerd leaves its network-namespace bind mount behind in the exec root
+    for m in $(awk -v d="$RUN_DIR/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do umount "$m"; done
     rm -rf "$RUN_DIR"
     log "done (exit $rc)"
+    exit "$rc"
 }
 trap cleanup EXIT
+trap 'printf "[ci_image] FAILED at line %s: %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 dockerd --data-root "$CACHE/docker" --exec-root "$RUN_DIR/x" --pidfile "$RUN_DIR/dockerd.pid" \
     --host "unix://$SOCK" --bridge=none --iptables=false --ip-masq=false >"$RUN_DIR/dockerd.log" 2>&1 &
