@@ -20,13 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(name: str, recipe: str, data: str, steps: int, out_root: Path, extra: list[str]) -> dict:
+def run(name: str, recipe: str, data: str, steps: int, out_root: Path, extra: list[str], profile=False) -> dict:
     out = out_root / name
     cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", recipe, "--out", str(out), "--fresh",
            "--no-check", "--no-progress", "--set", f"data.path={data}", f"train.epoch_steps={steps}",
            "train.epoch_count=1", "train.epoch_save=1000", *extra]
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "RWKV7_PROFILE_STEP": "20"} if profile else None
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-5000:], sep="\n")
@@ -51,17 +52,23 @@ def main() -> int:
     ap.add_argument("--json", default=str(ROOT / "bench" / "train_bench.json"))
     ap.add_argument("--quick", action="store_true", help="fewer steps")
     ap.add_argument("--only", nargs="*", help="run only these names")
+    ap.add_argument("--profile", nargs="*", help="write profile.txt (steps 20-22) for these names")
     args = ap.parse_args()
     n = 40 if args.quick else 100
     plan = [("0.1b grad_cp=1", "0.1b-short", n, []),
             ("0.1b grad_cp=0", "0.1b-short", n, ["train.grad_cp=0"]),
+            ("0.1b single grad_cp=1", "0.1b-short", n, ["train.strategy=single"]),
+            ("0.1b single grad_cp=0", "0.1b-short", n, ["train.strategy=single", "train.grad_cp=0"]),
             ("0.4b grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=1024"]),
-            ("1.5b grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048"])]
+            ("1.5b grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048"]),
+            ("1.5b single grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048",
+                                                          "train.strategy=single"])]
     results = []
     for name, recipe, steps, extra in plan:
         if args.only and name not in args.only:
             continue
-        results.append(run(name.replace(" ", "_").replace("=", ""), recipe, args.data, steps, Path(args.out), extra))
+        results.append(run(name.replace(" ", "_").replace("=", ""), recipe, args.data, steps, Path(args.out), extra,
+                           profile=name in (args.profile or [])))
         print(json.dumps(results[-1]), flush=True)
     Path(args.json).write_text(json.dumps({"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
                                            "results": results}, indent=1))

@@ -66,7 +66,7 @@ class TrainConfig:
     epoch_count: int = 0         # mini-epochs to train in total; 0: until my_exit_tokens, as the official trainer
     epoch_steps: int = 0         # steps per mini-epoch; 0: the official 40320 // real_bsz
     precision: str = "bf16"      # bf16 (DeepSpeed, GPU) | fp32
-    strategy: str = "deepspeed_stage_2"
+    strategy: str = "deepspeed_stage_2"  # or single (one GPU, no DeepSpeed), deepspeed_stage_3, *_offload, auto
     accelerator: str = "gpu"     # gpu | cpu
     devices: int = 1
     num_nodes: int = 1
@@ -255,13 +255,16 @@ def validate(r: Recipe) -> None:
         raise UserError(f"train.precision must be bf16 or fp32, got {t.precision!r}")
     if t.accelerator not in ("gpu", "cpu"):
         raise UserError(f"train.accelerator must be gpu or cpu, got {t.accelerator!r}")
-    strategies = ("auto", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+    strategies = ("auto", "single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
                   "deepspeed_stage_3_offload")
     if t.strategy not in strategies:
         raise UserError(f"train.strategy {t.strategy!r} unknown; choose one of {', '.join(strategies)}")
     if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy != "auto"):
         raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto "
                         "(DeepSpeed and bf16 training are GPU paths)")
+    if t.strategy == "single" and (t.accelerator != "gpu" or t.devices * t.num_nodes != 1):
+        raise UserError("train.strategy=single is one GPU (pure bf16 + fp32 master weights); use "
+                        "deepspeed_stage_2 for several GPUs")
     if t.accelerator == "gpu" and t.ctx_len % 16:
         raise UserError(f"train.ctx_len ({t.ctx_len}) must be a multiple of 16 for the CUDA wkv7 kernel")
     if not t.epoch_steps and MINI_EPOCH_SAMPLES % r.real_bsz:

@@ -39,10 +39,52 @@ class L2Wrap(torch.autograd.Function):
         return grad_output, gy
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class CrossEntropyL2Wrap(torch.autograd.Function):
+    """Mean cross-entropy + L2Wrap in one op, in row chunks with fp32 math (as RWKV-LM HEAD's fused loss kernel).
+
+    Never materialises an fp32 copy of all logits (2 GiB for 0.1b's 8192 x 65536): each chunk is upcast, used and
+    dropped, and backward writes the gradient straight in the logits' dtype. Same numbers as L2Wrap + fp32 CE.
+    """
+
+    CHUNK = 2048
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        n = logits.shape[0]
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(n, dtype=acc, device=logits.device)
+        total = torch.zeros((), dtype=acc, device=logits.device)
+        for i in range(0, n, CrossEntropyL2Wrap.CHUNK):
+            lf = _upcast(logits[i:i + CrossEntropyL2Wrap.CHUNK])
+            lse[i:i + lf.shape[0]] = torch.logsumexp(lf, -1)
+            total += (lse[i:i + lf.shape[0]] - lf.gather(1, targets[i:i + lf.shape[0], None]).squeeze(1)).sum()
+        ctx.save_for_backward(logits, targets, lse)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, targets, lse = ctx.saved_tensors
+        n = logits.shape[0]
+        g = grad_output.to(lse.dtype) / n
+        grad = torch.empty_like(logits)
+        for i in range(0, n, CrossEntropyL2Wrap.CHUNK):
+            lf = _upcast(logits[i:i + CrossEntropyL2Wrap.CHUNK])
+            rows = lf.shape[0]
+            maxx, ids = lf.max(-1, keepdim=True)
+            p = torch.exp(lf - lse[i:i + rows, None])
+            p.scatter_add_(1, targets[i:i + rows, None], torch.full_like(maxx, -1.0))
+            p.scatter_add_(1, ids, maxx * L2WRAP_FACTOR)  # L2Wrap: 1e-4 * max_logit / (B*T) at the argmax
+            grad[i:i + rows] = (p * g).to(logits.dtype)
+        return grad, None
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32 (as RWKV-LM HEAD's fused loss), wrapped with L2Wrap."""
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
-    return L2Wrap.apply(loss, logits)
+    """Mean cross-entropy in fp32 with L2Wrap's extra gradient (L2Wrap(CE(logits), logits), fused)."""
+    return CrossEntropyL2Wrap.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def param_groups(model: RWKV7, weight_decay: float) -> list[dict]:
@@ -69,6 +111,9 @@ class RWKV7Module(pl.LightningModule):
         self.run_step = 0            # the run's global step, set by the tracker before each batch
         self.bad_steps = bad_steps   # non-finite steps so far (carried across resumes)
         self.last_grad_norm = None
+        # Checking the loss before backward costs a GPU sync per step; on GPUs it is done one step late by the
+        # tracker instead, unless bad steps are to be skipped (which needs the answer before the update).
+        self.check_now = recipe.train.accelerator == "cpu" or recipe.train.max_bad_steps > 0
 
     def forward(self, idx):
         return self.model(idx)
@@ -78,11 +123,11 @@ class RWKV7Module(pl.LightningModule):
         loss = lm_loss(self.model(x), y)
         if testhooks.fault("nan", self.run_step):
             loss = loss * float("nan")
-        if not torch.isfinite(loss.detach()):
+        if self.check_now and not torch.isfinite(loss.detach()):
             return self._bad_step(f"loss is {float(loss)}", loss)
         return loss
 
-    def _bad_step(self, what: str, loss):
+    def _bad_step(self, what: str, loss=None):
         self.bad_steps += 1
         limit = self.recipe.train.max_bad_steps
         if self.bad_steps > limit:
@@ -98,13 +143,15 @@ class RWKV7Module(pl.LightningModule):
                                     gradient_clip_algorithm=None):
         """Clip the global L2 norm (official: 1.0) and keep the norm for metrics.jsonl (non-DeepSpeed runs;
         DeepSpeed clips inside its optimizer)."""
+        if self.recipe.train.strategy == "single" or self.recipe.train.strategy.startswith("deepspeed"):
+            return  # MasterWeightAdamW and DeepSpeed clip the fp32 master gradients themselves
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
-        self.last_grad_norm = float(norm)
-        if not math.isfinite(self.last_grad_norm):
+        self.last_grad_norm = norm.detach()
+        if self.check_now and not math.isfinite(float(norm)):
             for p in params:  # never let a non-finite gradient reach the weights
                 p.grad = None
-            self._bad_step(f"gradient norm is {self.last_grad_norm}", None)
+            self._bad_step(f"gradient norm is {float(norm)}")
 
     def configure_optimizers(self):
         t = self.recipe.train
@@ -114,6 +161,10 @@ class RWKV7Module(pl.LightningModule):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=t.weight_decay > 0, **kwargs)
+        if t.strategy == "single":
+            from rwkv7.train.bf16_optim import MasterWeightAdamW
+
+            return MasterWeightAdamW(groups, clip=t.grad_clip, **kwargs)
         # torch's AdamW with per-group weight_decay is the official FusedAdam(adam_w_mode=wd>0) update: decoupled
         # decay on the lr_decay group only, and plain Adam when wd == 0. The fused CUDA version needs no JIT build.
         return torch.optim.AdamW(groups, fused=t.accelerator == "gpu", **kwargs)

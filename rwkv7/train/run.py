@@ -85,6 +85,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
         def __init__(self):
             self.stop_signal = None
             self.metrics_buffer: list[str] = []
+            self.pending: list = []  # (step, loss tensor, lr, grad norm) not yet read back from the device
             self.bar = None
             self.t_last = time.time()
             self.step_last = state.step
@@ -127,24 +128,20 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             for group in trainer.optimizers[0].param_groups:
                 group["lr"] = self.lr * group["my_lr_scale"]
             pl_module.run_step = state.step
+            if os.environ.get("RWKV7_PROFILE_STEP") == str(state.step) and trainer.is_global_zero:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             skipped = not isinstance(outputs, dict)  # training_step returned None: a skipped bad step
-            loss = float("nan") if skipped else float(outputs["loss"])
+            loss = None if skipped else outputs["loss"].detach()
             state.step += 1
-            if math.isfinite(loss):
-                state.loss_sum += loss
-                state.loss_count += 1
-            now = time.time()
-            if now - self.t_last >= 1.0 or state.step == last_step:
-                self.tok_s = (state.step - self.step_last) * recipe.tokens_per_step / max(now - self.t_last, 1e-9)
-                self.t_last, self.step_last = now, state.step
-                if self.bar is not None:
-                    avg = state.loss_sum / max(state.loss_count, 1)
-                    self.bar.set_postfix_str(f"loss {avg:.4f} lr {self.lr:.3g} {self.tok_s / 1e3:.1f} kt/s", False)
-            if self.bar is not None:
-                self.bar.update(1)
-            self._metric(trainer, pl_module, loss)
+            norm = getattr(trainer.optimizers[0], "last_grad_norm", None)
+            self.pending.append((state.step, loss, self.lr, pl_module.last_grad_norm if norm is None else norm))
+            boundary = state.step % recipe.epoch_steps == 0 or state.step >= last_step or self.stop_signal
+            # GPU: read the previous step's loss, which is done by now, so the host never waits for the current one
+            self._drain(trainer, pl_module, keep=0 if boundary or pl_module.check_now else 1)
             if state.step % recipe.epoch_steps == 0:
                 self._end_mini_epoch(trainer, pl_module)
             if self.stop_signal is not None:
@@ -154,13 +151,48 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             if state.step >= last_step:
                 trainer.should_stop = True
             testhooks.kill_if("kill", state.step)
+            if getattr(self, "profiler", None) is not None and state.step >= int(os.environ["RWKV7_PROFILE_STEP"]) + 3:
+                self._write_profile()
 
-        def _metric(self, trainer, pl_module, loss):
+        def _write_profile(self):
+            """RWKV7_PROFILE_STEP=N: profile steps N..N+2 into profile.txt (where host and GPU time go)."""
+            torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            text = "\n\n".join(events.table(sort_by=key, row_limit=25) for key in ("self_cuda_time_total",
+                                                                                  "self_cpu_time_total"))
+            (run_dir / "profile.txt").write_text(text)
+            self.profiler = None
+
+        def _drain(self, trainer, pl_module, keep: int):
+            while len(self.pending) > keep:
+                step, loss_t, lr, norm = self.pending.pop(0)
+                loss = float("nan") if loss_t is None else float(loss_t)
+                if math.isfinite(loss):
+                    state.loss_sum += loss
+                    state.loss_count += 1
+                elif not pl_module.check_now:  # found one step late: the update is done, so stop here
+                    raise NonFiniteLoss(f"training diverged at step {step - 1}: loss is {loss} "
+                                        "(set train.max_bad_steps to skip bad steps)")
+                self._progress(step, lr)
+                self._metric(trainer, step, loss, lr, None if norm is None else float(norm))
+
+        def _progress(self, step, lr):
+            now = time.time()
+            if now - self.t_last >= 1.0 or step == last_step:
+                self.tok_s = (step - self.step_last) * recipe.tokens_per_step / max(now - self.t_last, 1e-9)
+                self.t_last, self.step_last = now, step
+                if self.bar is not None:
+                    avg = state.loss_sum / max(state.loss_count, 1)
+                    self.bar.set_postfix_str(f"loss {avg:.4f} lr {lr:.3g} {self.tok_s / 1e3:.1f} kt/s", False)
+            if self.bar is not None:
+                self.bar.update(1)
+
+        def _metric(self, trainer, step, loss, lr, norm):
             if not trainer.is_global_zero:
                 return
-            row = {"step": state.step, "mini_epoch": (state.step - 1) // recipe.epoch_steps, "loss": loss,
-                   "lr": self.lr, "tokens_per_step": recipe.tokens_per_step, "grad_norm": getattr(pl_module, "last_grad_norm", None),
-                   "tokens_per_s": round(self.tok_s, 1)}
+            row = {"step": step, "mini_epoch": (step - 1) // recipe.epoch_steps, "loss": loss, "lr": lr,
+                   "grad_norm": norm, "tokens_per_s": round(self.tok_s, 1), "tokens_per_step": recipe.tokens_per_step}
             if self.peak:
                 row["mfu"] = round(self.tok_s * self.flops / (self.peak * 1e12 * trainer.world_size), 4)
             if torch.cuda.is_available() and recipe.train.accelerator == "gpu":
@@ -280,6 +312,8 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
                   callbacks=callbacks, num_nodes=t.num_nodes, devices=t.devices)
     if t.accelerator == "cpu":
         return pl.Trainer(accelerator="cpu", precision=32, gradient_clip_val=t.grad_clip or None, **kwargs)
+    if t.strategy == "single":  # pure bf16 weights + fp32 masters in MasterWeightAdamW; no precision plugin
+        return pl.Trainer(accelerator="gpu", precision=32, **kwargs)
     strategy = None
     if t.strategy.startswith("deepspeed"):
         from pytorch_lightning.strategies import DeepSpeedStrategy
@@ -346,6 +380,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
                                          num_workers=recipe.train.num_workers, drop_last=True,
                                          pin_memory=recipe.train.accelerator == "gpu",
                                          persistent_workers=False)
+    if recipe.train.strategy == "single" and recipe.train.precision == "bf16":
+        model = model.to(torch.bfloat16)  # as DeepSpeed's bf16 mode: the whole module in bf16
     module = RWKV7Module(model, recipe, bad_steps=state.bad_steps)
     tracker = make_tracker(recipe, run_dir, data, state, dataset, last_step, resume_from, first_epoch, progress)
     trainer = build_trainer(recipe, [tracker], last_step - state.step)

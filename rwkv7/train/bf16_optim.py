@@ -1,0 +1,70 @@
+"""Pure-bf16 training on one GPU without DeepSpeed: bf16 weights in the model, fp32 master weights and Adam state here.
+
+This is the arithmetic of the official setup (DeepSpeed bf16: the whole module in bf16, fp32 masters and moments in
+the ZeRO optimizer, global-norm clipping on the fp32 gradients), in a handful of fused multi-tensor kernels per step
+instead of DeepSpeed's per-parameter gradient hooks.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW over fp32 copies of the model's (bf16) parameters.
+
+    step(): copy the bf16 gradients into the masters, clip their global L2 norm, AdamW on the masters, copy back.
+    `last_grad_norm` holds the norm before clipping (a 0-d tensor; reading it syncs).
+    """
+
+    def __init__(self, groups: list[dict], clip: float = 1.0, **kwargs):
+        self.model_params = [list(g["params"]) for g in groups]
+        masters = [{**g, "params": [p.detach().float().clone() for p in g["params"]]} for g in groups]
+        super().__init__(masters, fused=torch.cuda.is_available(), **kwargs)
+        self.clip = clip
+        self.last_grad_norm = None
+
+    def _pairs(self):
+        for group, params in zip(self.param_groups, self.model_params):
+            yield from zip(params, group["params"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        model, master = [], []
+        for p, m in self._pairs():
+            if p.grad is not None:
+                m.grad = torch.empty_like(m) if m.grad is None else m.grad
+                model.append(p.grad)
+                master.append(m.grad)
+        if not master:
+            return loss
+        torch._foreach_copy_(master, model)
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
+            [m for _, m in self._pairs() if m.grad is not None], self.clip or float("inf"), foreach=True)
+        super().step()
+        pairs = [(p, m) for p, m in self._pairs()]
+        torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p, m in self._pairs():
+            p.grad = None
+        super().zero_grad(set_to_none)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["masters"] = [m.detach().clone() for _, m in self._pairs()]
+        return sd
+
+    def load_state_dict(self, sd):
+        masters = sd.pop("masters", None)
+        super().load_state_dict(sd)
+        if masters is not None:
+            with torch.no_grad():
+                pairs = list(self._pairs())
+                for (p, m), saved in zip(pairs, masters):
+                    m.copy_(saved)
+                    p.copy_(saved)
