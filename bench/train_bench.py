@@ -55,19 +55,19 @@ def main() -> int:
     ap.add_argument("--profile", nargs="*", help="write profile.txt (steps 20-22) for these names")
     args = ap.parse_args()
     n = 40 if args.quick else 100
-    plan = [("0.1b grad_cp=1", "0.1b-short", n, []),
-            ("0.1b grad_cp=0", "0.1b-short", n, ["train.grad_cp=0"]),
-            ("0.1b single grad_cp=1", "0.1b-short", n, ["train.strategy=single"]),
-            ("0.1b single grad_cp=0", "0.1b-short", n, ["train.strategy=single", "train.grad_cp=0"]),
-            ("0.4b grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=1024"]),
-            ("1.5b grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048"]),
-            ("1.5b single grad_cp=1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048",
+    plan = [("0.1b-ds-cp1", "0.1b-short", n, []),
+            ("0.1b-ds-cp0", "0.1b-short", n, ["train.grad_cp=0"]),
+            ("0.1b-single-cp1", "0.1b-short", n, ["train.strategy=single"]),
+            ("0.1b-single-cp0", "0.1b-short", n, ["train.strategy=single", "train.grad_cp=0"]),
+            ("0.4b-ds-cp1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=1024"]),
+            ("1.5b-ds-cp1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048"]),
+            ("1.5b-single-cp1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048",
                                                           "train.strategy=single"])]
     results = []
     for name, recipe, steps, extra in plan:
         if args.only and name not in args.only:
             continue
-        results.append(run(name.replace(" ", "_").replace("=", ""), recipe, args.data, steps, Path(args.out), extra,
+        results.append(run(name, recipe, args.data, steps, Path(args.out), extra,
                            profile=name in (args.profile or [])))
         print(json.dumps(results[-1]), flush=True)
     Path(args.json).write_text(json.dumps({"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
