@@ -143,6 +143,7 @@ DOCKER_BUILDKIT=0 "$DOCKER" build --network host -t "$IMAGE" \
     --build-arg TORCH_SPEC="torch==$TORCH_VERSION+cpu" --build-arg TORCH_INDEX_URL= \
     "$ROOT" >"$CACHE/build.log" 2>&1 \
     || { tail -n 40 "$CACHE/build.log" >&2; die "docker build failed (log: $CACHE/build.log)"; }
+"$DOCKER" image prune -f >/dev/null   # earlier builds' layers: keeps a reused data root from growing
 log "built $IMAGE ($("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1 / 1e6}'))"
 
 # --- 5. run ------------------------------------------------------------------------------------------------------
