@@ -153,7 +153,8 @@ log "runs as uid $uid"
 
 log "docker run --network none $IMAGE train --recipe tiny"
 rc=0
-"$DOCKER" run --rm --network none -e WANDB_MODE=disabled "$IMAGE" train --recipe tiny --no-progress \
+# OPENBLAS_*: set on some hosts of this kind for correctness (docs of the machine); passed through only when set
+"$DOCKER" run --rm --network none -e WANDB_MODE=disabled -e OPENBLAS_CORETYPE -e OPENBLAS_L2_SIZE "$IMAGE" train --recipe tiny --no-progress \
     >"$CACHE/run.log" 2>&1 || rc=$?
 tail -n 15 "$CACHE/run.log"
 [ "$rc" = 0 ] || die "train --recipe tiny exited $rc in the container (log: $CACHE/run.log)"
