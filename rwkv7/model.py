@@ -144,10 +144,16 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(shape.n_embd)
         self.head = nn.Linear(shape.n_embd, shape.vocab_size, bias=False)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block (fuses the many small elementwise ops; the wkv7 CUDA op stays opaque).
+        The compiled wrappers are kept outside the module tree, so parameter names do not change."""
+        self.__dict__["_compiled"] = [torch.compile(b) for b in self.blocks]
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.emb(idx)
         v_first = torch.empty_like(x)
-        for block in self.blocks:
+        blocks = self.__dict__.get("_compiled") or self.blocks
+        for block in blocks:
             if self.grad_cp and self.training and torch.is_grad_enabled():
                 x, v_first, _ = checkpoint(block, x, v_first, use_reentrant=False)
             else:

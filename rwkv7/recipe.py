@@ -76,6 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 0        # non-finite losses tolerated (skipped) before the run stops
     num_workers: int = 1
+    compile: bool = False         # torch.compile each block (GPU: fewer, fused kernels; first steps compile)
     cpu_threads: int = 0          # torch threads on CPU runs; 0: torch's default. 1 makes CPU logs bit-reproducible
 
 

@@ -42,6 +42,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if not master:
             return loss
         torch._foreach_copy_(master, model)
+        for p, _ in self._pairs():
+            p.grad = None  # free the bf16 gradients before Adam's temporaries are allocated
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
             [m for _, m in self._pairs() if m.grad is not None], self.clip or float("inf"), foreach=True)
         super().step()
