@@ -108,9 +108,15 @@ def commit_checkpoint(tmp: Path, meta: dict, keep: int) -> Path:
 
 def read_meta(ckpt: Path) -> dict:
     try:
-        return json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {ckpt} is unreadable ({e}): delete that folder to resume from an older one")
+    state = meta.get("state") if isinstance(meta, dict) else None
+    if not (isinstance(state, dict) and isinstance(meta.get("fingerprint"), str)
+            and isinstance(state.get("step"), int) and isinstance(state.get("records", []), list)):
+        raise UserError(f"checkpoint {ckpt} is unreadable (meta.json lacks a valid state and fingerprint): "
+                        "delete that folder to resume from an older one")
+    return meta
 
 
 def save_plain_state(tmp: Path, model: torch.nn.Module, optimizer) -> None:

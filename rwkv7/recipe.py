@@ -271,6 +271,12 @@ def validate(r: Recipe) -> None:
     if not t.epoch_steps and MINI_EPOCH_SAMPLES % r.real_bsz:
         raise UserError(f"micro_bsz x devices x num_nodes = {r.real_bsz} must divide {MINI_EPOCH_SAMPLES} "
                         "(the official mini-epoch size), or set train.epoch_steps explicitly")
+    if d.magic_prime:
+        from rwkv7.data.magic import is_prime
+
+        if not is_prime(d.magic_prime) or d.magic_prime % 3 != 2:
+            raise UserError(f"data.magic_prime {d.magic_prime} must be a prime with p % 3 == 2; leave it 0 to "
+                            "compute it from the data")
     if d.source not in ("binidx", "hub", "synthetic"):
         raise UserError(f"data.source must be binidx, hub or synthetic, got {d.source!r}")
     if d.source == "hub" and (not d.hub_repo or len(d.hub_files) != 2):

@@ -16,12 +16,17 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from rwkv7.checkpoint import save_weights
+    from rwkv7.doctor import folder_problem
+    from rwkv7.errors import UserError
     from rwkv7.init import init_model, parameter_table
     from rwkv7.model import ModelShape, RWKV7
     from rwkv7.recipe import load_recipe
 
     r = load_recipe(args.recipe, overrides(args))
     out = Path(args.out or Path("out") / r.name / "rwkv-init.pth")
+    _, problem = folder_problem(out.parent, "the folder of --out")
+    if problem or out.is_dir():
+        raise UserError(f"{problem or f'--out {out} is a folder'}: give --out a writable file path")
     m = r.model
     model = RWKV7(ModelShape(m.n_layer, m.n_embd, m.vocab_size, m.head_size))
     init_model(model, seed=r.train.seed if args.seed is None else args.seed, bf16_round=r.train.init_bf16_round)
@@ -32,6 +37,9 @@ def run(args) -> int:
         print(f"{row['name']:34} {shape:>14} {row['group']:>9} {row['lr_scale']:>4g} {row['wd']:>6g} "
               f"{row['init']:>30} {row['count']:>12,}")
     print(f"total parameters: {sum(r_['count'] for r_ in rows):,}")
-    save_weights(model, out)
+    try:
+        save_weights(model, out)
+    except OSError as e:
+        raise UserError(f"could not write {out} ({e.strerror or e}): check the disk space and permissions") from None
     print(f"wrote {out}")
     return 0

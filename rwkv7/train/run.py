@@ -44,26 +44,6 @@ class RunState:
     bad_steps: int = 0
 
 
-def preflight(recipe: Recipe) -> None:
-    t = recipe.train
-    if t.accelerator == "gpu":
-        if not torch.cuda.is_available():
-            raise UserError(f"recipe {recipe.name!r} needs a CUDA GPU and none is visible: on a CPU-only machine "
-                            "use `make train` (recipe tiny) or --set train.accelerator=cpu train.precision=fp32 "
-                            "train.strategy=auto")
-        if t.devices > torch.cuda.device_count():
-            raise UserError(f"train.devices={t.devices} but only {torch.cuda.device_count()} GPU(s) are visible")
-        if t.strategy.startswith("deepspeed"):
-            from rwkv7.wkv_cuda import normalise_arch_list_for_deepspeed
-
-            normalise_arch_list_for_deepspeed()
-            try:
-                import deepspeed  # noqa: F401
-            except Exception as e:
-                raise UserError(f"train.strategy={t.strategy} needs deepspeed, which failed to import ({e}): "
-                                "run `make setup`") from None
-
-
 def flops_per_token(recipe: Recipe) -> float:
     """6 x non-embedding parameters + the wkv recurrence (about 24 * head_size FLOPs per channel per layer,
     forward and backward), for MFU."""
@@ -336,7 +316,9 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
     from rwkv7.train.module import RWKV7Module
     from rwkv7.data.sampler import MagicPrimeWindows
 
-    preflight(recipe)
+    from rwkv7.doctor import preflight
+
+    preflight(recipe, run_dir)  # GPU, DeepSpeed, data, run folder and disk: a UserError before any work
     data = prepare_data(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from, state = find_resume(run_dir, recipe, force_resume) if resume else (None, RunState())
