@@ -21,7 +21,7 @@ stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
 if has kernel; then stage kernel; OUT=$OUT/kernel bash bench/gpu_kernel_suite.sh 2>&1 | tail -40; else
   python3 kernels/build.py > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }; fi
 if has train; then stage train; python3 bench/train_bench.py --data "$DATA" --quick --json "$OUT/train_bench.json" ${TRAIN_ARGS:-} 2>&1 | tail -14; fi
-if has parity; then stage parity; python3 bench/backend_parity.py --data "$DATA" --steps ${PARITY_STEPS:-100} --long ${LONG_STEPS:-300} 2>&1 | tail -14; fi
+if has parity; then stage parity; python3 bench/backend_parity.py --data "$DATA" --steps ${PARITY_STEPS:-100} --long ${LONG_STEPS:-300} 2>&1 | tail -14; cp /tmp/rwkv7-parity/parity.json "$OUT/" 2>/dev/null; fi
 if has golden; then stage golden
   python3 entrypoint.py train --recipe 0.1b-short --out /tmp/golden --fresh --no-progress --set data.path="$DATA" 2>&1 | tail -8
   cp /tmp/golden/train_log.txt "$OUT/0.1b-short-standin.log"; cp /tmp/golden/metrics.jsonl "$OUT/golden-metrics.jsonl"

@@ -43,6 +43,7 @@ class DataConfig:
     sha256: dict = field(default_factory=dict)     # file name → expected sha256 (optional)
     data_dir: str = "data"       # hub: local folder for downloads (relative to the working directory)
     val_path: str = ""           # optional held-out binidx prefix, reported as validation loss
+    val_tokens: int = 262144     # validation tokens per mini-epoch (0: the whole split)
     magic_prime: int = 0         # 0: computed from the data size and ctx_len
     my_exit_tokens: int = 0      # 0: the data's token count (the official demo passes exactly that)
     synthetic_tokens: int = 400_000

@@ -33,15 +33,22 @@ def synthetic_prefix(recipe: Recipe) -> Path:
     return Path(d.path or "data") / name
 
 
+VAL_SEED_OFFSET = 1_000_003  # the held-out split: same "language", other documents
+
+
 def ensure_synthetic(recipe: Recipe) -> Path:
-    """Generate the recipe's synthetic corpus once (atomically) and return its prefix."""
+    """Generate the recipe's synthetic corpus and its held-out split (`<prefix>-val`, 5% of the size) once,
+    atomically; returns the training prefix."""
     from rwkv7.data.synthetic import generate_documents
 
     prefix = synthetic_prefix(recipe)
-    if not (prefix.with_suffix(".bin").is_file() and prefix.with_suffix(".idx").is_file()):
-        d = recipe.data
-        docs = generate_documents(d.synthetic_tokens, recipe.model.vocab_size, d.synthetic_seed)
-        write_binidx(prefix, docs, dtype=np.uint16)
+    d = recipe.data
+    splits = ((prefix, d.synthetic_tokens, d.synthetic_seed),
+              (Path(f"{prefix}-val"), max(d.synthetic_tokens // 20, 4096), d.synthetic_seed + VAL_SEED_OFFSET))
+    for path, n, seed in splits:
+        if not (path.with_suffix(".bin").is_file() and path.with_suffix(".idx").is_file()):
+            write_binidx(path, generate_documents(n, recipe.model.vocab_size, seed, lexicon_seed=d.synthetic_seed),
+                         dtype=np.uint16)
     return prefix
 
 
@@ -82,7 +89,8 @@ def prepare_data(recipe: Recipe) -> TrainingData:
     check_magic_prime(p, len(data), ctx)
     exit_tokens = recipe.data.my_exit_tokens or len(data)
     val = None
-    if recipe.data.val_path:
-        val = open_binidx(recipe.data.val_path)
+    val_path = recipe.data.val_path or (f"{prefix}-val" if recipe.data.source == "synthetic" else "")
+    if val_path:
+        val = open_binidx(val_path)
         check_vocab(val, recipe.model.vocab_size)
     return TrainingData(data, p, exit_tokens, val)

@@ -13,13 +13,20 @@ from itertools import accumulate
 import numpy as np
 
 
-def generate_documents(n_tokens: int, vocab_size: int, seed: int = 0, n_words: int = 400, successors: int = 6):
-    """Documents (lists of ids, each ending in 0) with n_tokens ids in total (the last document is cut)."""
-    rng = random.Random(seed)
-    pick = lambda n: int(rng.random() * n)  # noqa: E731  (uses random() only: its stream is stable)
-    words = [[1 + pick(vocab_size - 1) for _ in range(1 + pick(3))] for _ in range(n_words)]
+def generate_documents(n_tokens: int, vocab_size: int, seed: int = 0, n_words: int = 400, successors: int = 6,
+                       lexicon_seed: int | None = None):
+    """Documents (lists of ids, each ending in 0) with n_tokens ids in total (the last document is cut).
+
+    The lexicon and successor table come from `lexicon_seed` (default: seed), the documents from `seed`, so a
+    held-out split can share the language but not the text.
+    """
+    lex = random.Random(seed if lexicon_seed is None else lexicon_seed)
+    lpick = lambda n: int(lex.random() * n)  # noqa: E731  (uses random() only: its stream is stable)
+    words = [[1 + lpick(vocab_size - 1) for _ in range(1 + lpick(3))] for _ in range(n_words)]
+    follow = [[lpick(n_words) for _ in range(successors)] for _ in range(n_words)]
     weights = list(accumulate(1.0 / (r + 1) for r in range(successors)))
-    follow = [[pick(n_words) for _ in range(successors)] for _ in range(n_words)]
+    rng = random.Random(seed) if lexicon_seed is not None and lexicon_seed != seed else lex
+    pick = lambda n: int(rng.random() * n)  # noqa: E731
     docs, total = [], 0
     while total < n_tokens:
         doc, w = [], pick(n_words)

@@ -134,6 +134,17 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             if getattr(self, "profiler", None) is not None and state.step >= int(os.environ["RWKV7_PROFILE_STEP"]) + 3:
                 self._write_profile()
 
+        def _validate(self, pl_module, epoch):
+            """Held-out loss on data.val_path (first data.val_tokens tokens), in val_log.txt: the official
+            train_log.txt keeps its format."""
+            from rwkv7.evaluate import evaluate_loss
+
+            loss, n = evaluate_loss(pl_module.model, data.val.tokens, ctx_len=recipe.train.ctx_len,
+                                    max_tokens=recipe.data.val_tokens or None, batch=recipe.train.micro_bsz)
+            append_line(run_dir / "val_log.txt", f"{epoch} {loss:.6f} {math.exp(min(loss, 50)):.4f} {n}")
+            if self.bar is not None:
+                self.bar.write(f"validation {epoch}: loss {loss:.4f} over {n} tokens")
+
         def _write_profile(self):
             """RWKV7_PROFILE_STEP=N: profile steps N..N+2 into profile.txt (where host and GPU time go)."""
             torch.cuda.synchronize()
@@ -206,6 +217,8 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                     ckpt.save_weights(pl_module.model, run_dir / f"rwkv-{epoch}.pth")
             if trainer.is_global_zero:
                 append_line(run_dir / "train_log.txt", line)
+                if data.val is not None:
+                    self._validate(pl_module, epoch)
                 self._flush_metrics(trainer)
                 if self.bar is not None:
                     self.bar.write(line.rstrip())
