@@ -122,3 +122,13 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch, cli):
     assert "No space left" in err and "kept step-00000005" in err
     assert [d.name for d in (out / "ckpt").iterdir()] == ["step-00000005"]
     assert (out / "ckpt" / "step-00000005" / "state.pt").stat().st_size > 0
+
+
+def test_wandb_logs_every_step_when_asked(tmp_path):
+    """--wandb PROJECT with WANDB_MODE=offline writes a local wandb run holding the per-step metrics."""
+    out = tmp_path / "run"
+    run_train(out, "--no-check", "--set", "train.epoch_count=1", "--wandb", "rwkv7-test",
+              env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "no wandb event file"

@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--load-model", metavar="PTH", help="start from these weights (fresh optimizer and schedule)")
     p.add_argument("--no-check", action="store_true", help="skip the loss-trajectory check at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--wandb", metavar="PROJECT", help="log every step to this wandb project (off by default; "
+                   "WANDB_MODE and WANDB_API_KEY are read from the environment)")
     p.set_defaults(func=run)
 
 
@@ -41,4 +43,5 @@ def run(args) -> int:
     from rwkv7.train.run import run_training
 
     return run_training(recipe, out, resume=not args.fresh, force_resume=args.force_resume,
-                        load_model=args.load_model, progress=not args.no_progress, check=not args.no_check)
+                        load_model=args.load_model, progress=not args.no_progress, check=not args.no_check,
+                        wandb_project=args.wandb)

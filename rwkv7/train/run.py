@@ -57,7 +57,7 @@ def flops_per_token(recipe: Recipe) -> float:
 
 
 def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunState, dataset, last_step: int,
-                 resume_from: Path | None, first_epoch: int, progress: bool):
+                 resume_from: Path | None, first_epoch: int, progress: bool, wandb_project: str | None = None):
     """The Lightning callback that owns the run's bookkeeping (built here so importing this module stays light)."""
     import pytorch_lightning as pl
 
@@ -65,6 +65,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
         def __init__(self):
             self.stop_signal = None
             self.metrics_buffer: list[str] = []
+            self.wandb = None
             self.pending: list = []  # (step, loss tensor, lr, grad norm) not yet read back from the device
             self.bar = None
             self.t_last = time.time()
@@ -91,12 +92,21 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                                 desc=f"{recipe.name}")
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
+            if wandb_project and trainer.is_global_zero:  # off unless asked for; WANDB_MODE is honoured by wandb
+                import wandb
+
+                m = recipe.model
+                self.wandb = wandb.init(project=wandb_project, config=recipe.to_dict(), resume="allow",
+                                        name=f"{recipe.name} L{m.n_layer} D{m.n_embd} ctx{recipe.train.ctx_len}",
+                                        dir=str(run_dir))
 
         def _on_signal(self, signum, frame):
             self.stop_signal = signum
 
         def on_train_end(self, trainer, pl_module):
             self._flush_metrics(trainer)
+            if self.wandb is not None:
+                self.wandb.finish()
             if self.bar is not None:
                 self.bar.close()
 
@@ -189,6 +199,8 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             if torch.cuda.is_available() and recipe.train.accelerator == "gpu":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
             self.metrics_buffer.append(json.dumps(row))
+            if self.wandb is not None:
+                self.wandb.log(row, step=step)
             if len(self.metrics_buffer) >= 200:
                 self._flush_metrics(trainer)
 
@@ -322,7 +334,8 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
 
 
 def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_resume: bool = False,
-                 load_model: str | None = None, progress: bool = True, check: bool = True) -> int:
+                 load_model: str | None = None, progress: bool = True, check: bool = True,
+                 wandb_project: str | None = None) -> int:
     """Train `recipe` into run_dir; returns the exit code (0 ok, 1 check failed, 3 diverged, 130 interrupted)."""
     from rwkv7.init import init_model
     from rwkv7.model import ModelShape, RWKV7
@@ -380,7 +393,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
     if recipe.train.compile:
         model.compile_blocks()
     module = RWKV7Module(model, recipe, bad_steps=state.bad_steps)
-    tracker = make_tracker(recipe, run_dir, data, state, dataset, last_step, resume_from, first_epoch, progress)
+    tracker = make_tracker(recipe, run_dir, data, state, dataset, last_step, resume_from, first_epoch, progress,
+                           wandb_project)
     trainer = build_trainer(recipe, [tracker], last_step - state.step)
     try:
         trainer.fit(module, loader)
