@@ -4,7 +4,7 @@ Inputs: `.jsonl` (one JSON object per line, text under `text_key`; blank lines a
 file is one document, or with `split_blank_lines` every run of lines between blank lines is one). Every document
 becomes its token ids followed by the end-of-document token 0, stored as uint16.
 
-Differences from make_data.py (docs/ALIGNMENT-data.md): no shuffling or N-epoch repetition (the trainer's
+Differences from make_data.py (docs/ALIGNMENT.md, "Data"): no shuffling or N-epoch repetition (the trainer's
 magic-prime sampler already visits the data in a pseudo-random order), and no in-memory list of all lines.
 
 Streaming: the main process reads the inputs in ~4 MB chunks and hands them to a process pool with at most
