@@ -201,17 +201,9 @@ def check_deepspeed(recipe: Recipe, run_dir: Path, probe: bool) -> Check:
 
 def _validate_binidx(prefix, recipe: Recipe) -> str:
     """open_binidx + check_vocab + the sampler's size and magic_prime checks; returns a summary."""
-    from rwkv7.data.binidx import check_vocab, open_binidx
-    from rwkv7.data.magic import magic_prime
-    from rwkv7.data.source import check_magic_prime
+    from rwkv7.data.source import open_training_binidx
 
-    data = open_binidx(prefix)
-    check_vocab(data, recipe.model.vocab_size)
-    ctx = recipe.train.ctx_len
-    if len(data) < 2 * (ctx + 1):
-        raise UserError(f"{data.prefix}: {len(data)} tokens is too few for ctx_len {ctx}")
-    p = recipe.data.magic_prime or magic_prime(len(data), ctx)
-    check_magic_prime(p, len(data), ctx)
+    data, _ = open_training_binidx(prefix, recipe)
     return f"{data.prefix}.bin/.idx: {len(data):,} tokens, ids < {recipe.model.vocab_size}"
 
 

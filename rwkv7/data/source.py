@@ -78,15 +78,21 @@ def check_magic_prime(p: int, n_tokens: int, ctx_len: int) -> None:
                         f"({chunks} chunks): leave it 0 to compute it")
 
 
-def prepare_data(recipe: Recipe) -> TrainingData:
-    prefix = locate(recipe)
+def open_training_binidx(prefix, recipe: Recipe) -> tuple[BinIdx, int]:
+    """Open and validate training data for a recipe: structure, token ids, size; returns (data, magic_prime)."""
     data = open_binidx(prefix)
     check_vocab(data, recipe.model.vocab_size)
     ctx = recipe.train.ctx_len
     if len(data) < 2 * (ctx + 1):
-        raise UserError(f"{prefix}: {len(data)} tokens is too few for ctx_len {ctx}")
+        raise UserError(f"{data.prefix}: {len(data)} tokens is too few for ctx_len {ctx}")
     p = recipe.data.magic_prime or largest_magic_prime(len(data), ctx)
     check_magic_prime(p, len(data), ctx)
+    return data, p
+
+
+def prepare_data(recipe: Recipe) -> TrainingData:
+    prefix = locate(recipe)
+    data, p = open_training_binidx(prefix, recipe)
     exit_tokens = recipe.data.my_exit_tokens or len(data)
     val = None
     val_path = recipe.data.val_path or (f"{prefix}-val" if recipe.data.source == "synthetic" else "")
