@@ -216,9 +216,13 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple = ()) -> Recipe:
             raise UserError(f"{path}: top-level key {section!r} must be a [section]")
         for key, value in values.items():
             _apply(recipe, section, key, value, str(path))
+    overridden = set()
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(recipe, section, key, value, f"--set {text}")
+        overridden.add(f"{section}.{key}")
+    if "data.path" in overridden and "data.source" not in overridden and recipe.data.source == "hub":
+        recipe.data.source = "binidx"  # `--set data.path=PREFIX` means: train on this local data instead
     validate(recipe)
     return recipe
 
