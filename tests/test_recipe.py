@@ -45,7 +45,7 @@ def test_fingerprint_ignores_run_length_but_not_numbers():
 
 @pytest.mark.parametrize("override, words", [
     ("model.n_embd=100", "multiple of"),
-    ("train.micro_bsz=7 train.epoch_steps=0", "40320"),
+    ("train.micro_bsz=11 train.epoch_steps=0", "40320"),
     ("train.lr_final=1", "lr_final"),
     ("train.precision=fp16", "bf16 or fp32"),
     ("train.strategy=ddp", "unknown"),
