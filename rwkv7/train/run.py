@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=last_step, initial=state.step, unit="step", dynamic_ncols=True,
-                                desc=f"{recipe.name}")
+                                desc=f"{recipe.name}", mininterval=0.5 if sys.stderr.isatty() else 10.0)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
             if wandb_project and trainer.is_global_zero:  # off unless asked for; WANDB_MODE is honoured by wandb
@@ -344,6 +345,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
 
     from rwkv7.doctor import preflight
 
+    if load_model:
+        ckpt.read_state_dict(load_model)  # a missing or foreign file fails before anything is created
     preflight(recipe, run_dir)  # GPU, DeepSpeed, data, run folder and disk: a UserError before any work
     data = prepare_data(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
