@@ -345,8 +345,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
 
     from rwkv7.doctor import preflight
 
-    if load_model:
-        ckpt.read_state_dict(load_model)  # a missing or foreign file fails before anything is created
+    start_weights = ckpt.read_state_dict(load_model) if load_model else None  # fails before anything is created
     preflight(recipe, run_dir)  # GPU, DeepSpeed, data, run folder and disk: a UserError before any work
     data = prepare_data(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,8 +370,9 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
         ckpt.load_into(model, _checkpoint_weights(resume_from), str(resume_from))
         repair_log(log, state)
         print(f"resuming {run_dir} from {resume_from.name} (step {state.step} of {last_step})")
-    elif load_model:
-        ckpt.load_into(model, ckpt.read_state_dict(load_model), load_model)
+    elif start_weights is not None:
+        ckpt.load_into(model, start_weights, load_model)
+        del start_weights
     else:
         init_model(model, seed=recipe.train.seed, bf16_round=recipe.train.init_bf16_round)
         ckpt.save_weights(model, run_dir / "rwkv-init.pth")
