@@ -132,3 +132,12 @@ def test_wandb_logs_every_step_when_asked(tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "no wandb event file"
+
+
+def test_load_model_starts_from_given_weights(reference_run, tmp_path):
+    """--load-model: a fresh run (new optimizer, schedule from step 0) that starts from trained weights."""
+    out = tmp_path / "run"
+    run_train(out, "--no-check", "--set", "train.epoch_count=1", "--load-model",
+              str(reference_run / "rwkv-final.pth"))
+    assert losses(out)[0] < losses(reference_run)[0] - 0.5
+    assert not (out / "rwkv-init.pth").exists()
