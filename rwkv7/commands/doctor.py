@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rwkv7.commands.train import add_recipe_args, overrides
+from rwkv7.commands.train import overrides, recipe_parser
 
 
 def register(sub) -> None:
-    p = sub.add_parser("doctor", help="check GPU, kernel, memory, disk, data and tools for a recipe",
-                       description="Check this machine for a recipe: versions, GPU and the wkv7 kernel's arch, "
-                       "free GPU memory and disk against rough estimates, data present and valid, DeepSpeed, "
-                       "WANDB_MODE. One line per check: ok, warn or fail. Exit 0 if nothing fails, 2 otherwise.")
-    add_recipe_args(p)
-    p.add_argument("--out", help="run folder whose disk is checked [out/<recipe>]")
+    p = recipe_parser(sub, "doctor", "check GPU, kernel, memory, disk, data and tools for a recipe",
+                      "Check this machine for a recipe: versions, GPU and the wkv7 kernel's arch, free GPU memory and "
+                      "disk against rough estimates, data present and valid, DeepSpeed, WANDB_MODE. One line per "
+                      "check: ok, warn or fail. Exit 0 if nothing fails, 2 otherwise.",
+                      "run folder whose disk is checked [out/<recipe>]")
     p.set_defaults(func=run)
 
 

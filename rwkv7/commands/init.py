@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rwkv7.commands.train import add_recipe_args, overrides
+from rwkv7.commands.train import overrides, recipe_parser
 
 
 def register(sub) -> None:
-    p = sub.add_parser("init", help="write rwkv-init.pth for a recipe and print its parameter table")
-    add_recipe_args(p)
-    p.add_argument("--out", help="output .pth [out/<recipe>/rwkv-init.pth]")
+    p = recipe_parser(sub, "init", "write rwkv-init.pth for a recipe and print its parameter table",
+                      "Initialise a recipe's model exactly as the official trainer does (seeded), print every "
+                      "parameter's shape, optimizer group and init rule, and save the weights.",
+                      "output .pth [out/<recipe>/rwkv-init.pth]")
     p.add_argument("--seed", type=int, help="init seed [the recipe's train.seed]")
     p.set_defaults(func=run)
 

@@ -10,17 +10,23 @@ def add_recipe_args(p) -> None:
                    nargs="+", help="override a recipe value, e.g. --set train.micro_bsz=8 (repeatable)")
 
 
+def recipe_parser(sub, name: str, help: str, description: str, out_help: str):
+    """A command parser with the shared --recipe/--set/--out arguments."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_recipe_args(p)
+    p.add_argument("--out", help=out_help)
+    return p
+
+
 def overrides(args) -> list[str]:
     return [o for group in args.overrides for o in group]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a recipe and check its loss trajectory",
-                       description="Train a recipe. Re-running with the same --out resumes from the newest "
-                                   "checkpoint. Exit: 0 ok, 1 loss check failed, 2 bad input, 3 diverged, "
-                                   "130 stopped by a signal (resumable).")
-    add_recipe_args(p)
-    p.add_argument("--out", help="run folder [out/<recipe>]")
+    p = recipe_parser(sub, "train", "train a recipe and check its loss trajectory",
+                      "Train a recipe. Re-running with the same --out resumes from the newest checkpoint. Exit: 0 ok, "
+                      "1 loss check failed, 2 bad input, 3 diverged, 130 stopped by a signal (resumable).",
+                      "run folder [out/<recipe>]")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out (start over)")
     p.add_argument("--force-resume", action="store_true", help="resume even though the recipe changed")
     p.add_argument("--load-model", metavar="PTH", help="start from these weights (fresh optimizer and schedule)")
