@@ -10,7 +10,9 @@ OUT=${OUT:-/tmp/gpu-suite}; mkdir -p "$OUT"
 STAGES=${STAGES:-"kernel train parity golden generate"}
 DATA=${DATA:-.standin/standin}
 if [ -d .whl ] && ! python3 -c "import pytorch_lightning, deepspeed" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  # keep the machine's own pytest (and its plugins): an older carried pytest breaks e.g. pytest-timeout
+  wheels=$(ls .whl/*.whl | if python3 -c "import pytest" 2>/dev/null; then grep -v -E "/(pytest|pluggy|iniconfig)-"; else cat; fi)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 - <<'PY'
