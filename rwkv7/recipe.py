@@ -266,8 +266,8 @@ def validate(r: Recipe) -> None:
     if t.strategy not in strategies:
         raise UserError(f"train.strategy {t.strategy!r} unknown; choose one of {', '.join(strategies)}")
     if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy != "auto"):
-        raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto "
-                        "(DeepSpeed and bf16 training are GPU paths)")
+        raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto (DeepSpeed and bf16 training "
+                        "are GPU paths; train.devices=N on a CPU runs N processes with DDP)")
     if t.strategy == "single" and (t.accelerator != "gpu" or t.devices * t.num_nodes != 1):
         raise UserError("train.strategy=single is one GPU (pure bf16 + fp32 master weights); use "
                         "deepspeed_stage_2 for several GPUs")

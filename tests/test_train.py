@@ -141,3 +141,18 @@ def test_load_model_starts_from_given_weights(reference_run, tmp_path):
               str(reference_run / "rwkv-final.pth"))
     assert losses(out)[0] < losses(reference_run)[0] - 0.5
     assert not (out / "rwkv-init.pth").exists()
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
+    """devices=2 x micro_bsz 4 (DDP over gloo on the CPU) trains like devices=1 x micro_bsz 8: the ranks interleave
+    the official global sample order, gradients average, and the mini-epoch loss is the mean over ranks."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--no-check", "--set", "train.epoch_count=2"]
+    run_train(one, *common, "train.micro_bsz=8")
+    run_train(two, *common, "train.micro_bsz=4", "train.devices=2")
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [0, 1]
+    for e in a:
+        assert abs(a[e] - b[e]) < 1e-4, (e, a[e], b[e])
+    header_lines = [ln for ln in (two / "train_log.txt").read_text().splitlines() if ln.startswith("NEW RUN")]
+    assert len(header_lines) == 1  # only rank 0 writes the run folder

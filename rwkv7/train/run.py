@@ -313,11 +313,13 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
     import pytorch_lightning as pl
 
     t = recipe.train
-    kwargs = dict(max_steps=steps, max_epochs=1, enable_checkpointing=False, logger=False,
+    # replace_sampler_ddp=False: every rank draws its own samples of the official global order (as RWKV-LM does)
+    kwargs = dict(max_steps=steps, max_epochs=1, enable_checkpointing=False, logger=False, replace_sampler_ddp=False,
                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                   callbacks=callbacks, num_nodes=t.num_nodes, devices=t.devices)
-    if t.accelerator == "cpu":
-        return pl.Trainer(accelerator="cpu", precision=32, gradient_clip_val=t.grad_clip or None, **kwargs)
+    if t.accelerator == "cpu":  # several CPU processes: DDP over gloo (tests the multi-rank logic without GPUs)
+        return pl.Trainer(accelerator="cpu", precision=32, gradient_clip_val=t.grad_clip or None,
+                          strategy="ddp" if t.devices * t.num_nodes > 1 else None, **kwargs)
     if t.strategy == "single":  # pure bf16 weights + fp32 masters in MasterWeightAdamW; no precision plugin
         return pl.Trainer(accelerator="gpu", precision=32, **kwargs)
     strategy = None
@@ -332,6 +334,12 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
     precision = "bf16" if t.precision == "bf16" else 32
     return pl.Trainer(accelerator="gpu", strategy=strategy, precision=precision,
                       gradient_clip_val=t.grad_clip or None, **kwargs)
+
+
+def launched_as_rank_zero() -> bool:
+    """Lightning starts ranks > 0 as copies of this command with LOCAL_RANK/NODE_RANK set; only rank 0 writes the
+    run folder's shared files before the Trainer (and its process group) exists."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_resume: bool = False,
@@ -366,24 +374,26 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
     m = recipe.model
     model = RWKV7(ModelShape(m.n_layer, m.n_embd, m.vocab_size, m.head_size), grad_cp=bool(recipe.train.grad_cp))
     log = run_dir / "train_log.txt"
+    writer = launched_as_rank_zero()
     if resume_from is not None:
         ckpt.load_into(model, _checkpoint_weights(resume_from), str(resume_from))
-        repair_log(log, state)
-        print(f"resuming {run_dir} from {resume_from.name} (step {state.step} of {last_step})")
+        if writer:
+            repair_log(log, state)
+            print(f"resuming {run_dir} from {resume_from.name} (step {state.step} of {last_step})")
     elif start_weights is not None:
         ckpt.load_into(model, start_weights, load_model)
         del start_weights
     else:
         init_model(model, seed=recipe.train.seed, bf16_round=recipe.train.init_bf16_round)
-        ckpt.save_weights(model, run_dir / "rwkv-init.pth")
-        if log.exists():
-            log.unlink()
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if writer:
+            ckpt.save_weights(model, run_dir / "rwkv-init.pth")
+            log.unlink(missing_ok=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     first_epoch = state.step // epoch_steps
-    header = (f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n"
-              f"{json.dumps(recipe.to_dict())}\n")
-    append_line(log, header.rstrip("\n"))
-    atomic_write_text(run_dir / "run.json", json.dumps(run_info(recipe, data), indent=1))
+    if writer:
+        append_line(log, f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n"
+                         f"{json.dumps(recipe.to_dict())}")
+        atomic_write_text(run_dir / "run.json", json.dumps(run_info(recipe, data), indent=1))
 
     dataset = MagicPrimeWindows(data.data.tokens, recipe.train.ctx_len, data.magic_prime, recipe.train.micro_bsz,
                                 recipe.real_bsz, state.step, last_step - state.step)
