@@ -72,6 +72,7 @@ class TrainConfig:
     devices: int = 1
     num_nodes: int = 1
     ds_bucket_mb: int = 200
+    dist_timeout_min: int = 30    # a collective that waits longer (a hung or dead rank) ends the job
     seed: int = 0
     init_bf16_round: bool = True  # the official rwkv-init.pth is saved in bf16, so training starts from bf16 values
     keep_checkpoints: int = 2
@@ -116,7 +117,8 @@ class Recipe:
     def fingerprint(self) -> str:
         """Hash of everything that changes the numbers a run produces (not its length, saving or hardware count)."""
         d = self.to_dict()
-        for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers", "max_bad_steps"):
+        for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers", "max_bad_steps",
+                  "dist_timeout_min"):
             d["train"].pop(k)
         d.pop("check")
         d.pop("description")
@@ -232,7 +234,8 @@ def validate(r: Recipe) -> None:
     positive = {"model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.vocab_size": m.vocab_size,
                 "model.head_size": m.head_size, "train.ctx_len": t.ctx_len, "train.micro_bsz": t.micro_bsz,
                 "train.devices": t.devices, "train.num_nodes": t.num_nodes, "train.epoch_save": t.epoch_save,
-                "train.lr_init": t.lr_init, "train.adam_eps": t.adam_eps, "train.keep_checkpoints": t.keep_checkpoints}
+                "train.lr_init": t.lr_init, "train.adam_eps": t.adam_eps, "train.keep_checkpoints": t.keep_checkpoints,
+                "train.dist_timeout_min": t.dist_timeout_min}
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"{name} must be > 0, got {value}")

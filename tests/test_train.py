@@ -156,3 +156,29 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
         assert abs(a[e] - b[e]) < 1e-4, (e, a[e], b[e])
     header_lines = [ln for ln in (two / "train_log.txt").read_text().splitlines() if ln.startswith("NEW RUN")]
     assert len(header_lines) == 1  # only rank 0 writes the run folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_match_one_process(tmp_path):
+    """The plain multi-host launch (MASTER_ADDR/MASTER_PORT/NODE_RANK, one command per host), as two "nodes" of one
+    CPU process each on 127.0.0.1: same losses as one process at the same global batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--no-check", "--set", "train.epoch_count=2"]
+    run_train(one, *common, "train.micro_bsz=8")
+    env = {**os.environ, "WANDB_MODE": "disabled", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = train_cmd(two, *common, "train.micro_bsz=4", "train.num_nodes=2")
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [0, 1]
+    for e in a:
+        assert abs(a[e] - b[e]) < 1e-4, (e, a[e], b[e])

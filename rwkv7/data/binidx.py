@@ -114,7 +114,8 @@ def write_binidx(prefix: str | os.PathLike, docs: Iterable[np.ndarray], dtype=np
     dtype = np.dtype(dtype)
     bin_path, idx_path = paths(prefix)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = bin_path.with_name(bin_path.name + ".tmp"), idx_path.with_name(idx_path.name + ".tmp")
+    tag = f".{os.getpid()}.tmp"  # per process: two ranks generating the same corpus never share a temp file
+    tmp_bin, tmp_idx = bin_path.with_name(bin_path.name + tag), idx_path.with_name(idx_path.name + tag)
     sizes: list[int] = []
     try:
         with open(tmp_bin, "wb") as f:
