@@ -1,5 +1,5 @@
 # rwkv7-appliance: `make train` (CPU default recipe `tiny`) and `make test` work on a fresh clone.
-# GPU:  make train RECIPE=0.1b        Container: make image && make up        Tests on a GPU: make gpu-test
+# GPU:  make train RECIPE=0.1b [DEVICES=N]        Container: make image && make up        Tests on a GPU: make gpu-test
 PY ?= python3
 VENV ?= .venv
 RECIPE ?= tiny
@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
+# DEVICES=N (GPUs on this host) and NODES=M (hosts; see scripts/multihost.sh) override the recipe
 train: setup
-	$(BIN)/python entrypoint.py train --recipe $(RECIPE) $(ARGS)
+	$(BIN)/python entrypoint.py train --recipe $(RECIPE) $(if $(DEVICES),--set train.devices=$(DEVICES)) \
+		$(if $(NODES),--set train.num_nodes=$(NODES)) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -167,13 +167,14 @@ def free_port() -> int:
 
 
 def test_two_nodes_on_loopback_match_one_process(tmp_path):
-    """The plain multi-host launch (MASTER_ADDR/MASTER_PORT/NODE_RANK, one command per host), as two "nodes" of one
-    CPU process each on 127.0.0.1: same losses as one process at the same global batch."""
+    """The plain multi-host launch (scripts/multihost.sh: MASTER_ADDR/MASTER_PORT/NODE_RANK, one command per host),
+    as two "nodes" of one CPU process each on 127.0.0.1: same losses as one process at the same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--no-check", "--set", "train.epoch_count=2"]
     run_train(one, *common, "train.micro_bsz=8")
-    env = {**os.environ, "WANDB_MODE": "disabled", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    cmd = train_cmd(two, *common, "train.micro_bsz=4", "train.num_nodes=2")
+    env = {**os.environ, "WANDB_MODE": "disabled", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTHON": sys.executable, "RECIPE": "tiny", "NODES": "2", "DEVICES": "1"}
+    cmd = ["bash", str(ROOT / "scripts" / "multihost.sh"), "--out", str(two), *SHORT, *common, "train.micro_bsz=4"]
     nodes = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outputs = [n.communicate(timeout=600)[0] for n in nodes]
