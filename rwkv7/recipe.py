@@ -115,11 +115,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the numbers a run produces (not its length, saving or hardware count)."""
+        """Hash of everything that changes the numbers a run produces: not its length or saving, and not how the
+        global batch is split over GPUs and nodes (the sampler gives every step the same samples either way)."""
         d = self.to_dict()
         for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers", "max_bad_steps",
-                  "dist_timeout_min"):
+                  "dist_timeout_min", "micro_bsz", "devices", "num_nodes"):
             d["train"].pop(k)
+        d["train"]["real_bsz"] = self.real_bsz  # how a global batch is split over ranks does not change the numbers
         d.pop("check")
         d.pop("description")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

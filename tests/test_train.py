@@ -183,3 +183,32 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path):
     assert sorted(a) == sorted(b) == [0, 1]
     for e in a:
         assert abs(a[e] - b[e]) < 1e-4, (e, a[e], b[e])
+
+
+def test_resume_on_a_different_number_of_processes(reference_run, tmp_path):
+    """A run checkpointed by one process resumes on two (same global batch) and ends with the same losses."""
+    out = tmp_path / "run"
+    run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": "kill@10"}, check=False)
+    p = run_train(out, "--no-check", "--set", "train.micro_bsz=4", "train.devices=2")
+    assert "resuming" in p.stdout
+    ref, got = losses(reference_run), losses(out)
+    assert sorted(got) == sorted(ref)
+    for e in ref:
+        assert abs(got[e] - ref[e]) < 1e-4, (e, got[e], ref[e])
+
+
+def test_deepspeed_checkpoint_on_another_gpu_count_is_refused_clearly(tmp_path):
+    import json as _json
+
+    from rwkv7.errors import UserError
+    from rwkv7.recipe import load_recipe
+    from rwkv7.train.run import find_resume
+
+    recipe = load_recipe("0.1b", ["train.devices=4", "train.micro_bsz=4"])
+    ck = tmp_path / "ckpt" / "step-00000010"
+    ck.mkdir(parents=True)
+    meta = {"state": {"step": 10}, "fingerprint": recipe.fingerprint(), "world_size": 2}
+    (ck / "meta.json").write_text(_json.dumps(meta))
+    with pytest.raises(UserError, match="ZeRO shards of 2 GPU"):
+        find_resume(tmp_path, recipe, force=False)
+    assert find_resume(tmp_path, load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8"]), False)[1].step == 10

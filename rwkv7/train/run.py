@@ -306,6 +306,11 @@ def find_resume(run_dir: Path, recipe: Recipe, force: bool) -> tuple[Path | None
     if meta.get("fingerprint") != recipe.fingerprint() and not force:
         raise UserError(f"{run_dir} holds a run of a different recipe (checkpoint {latest.name}): use another --out, "
                         "or --force-resume to continue it with the new settings")
+    world = recipe.train.devices * recipe.train.num_nodes
+    if recipe.train.strategy.startswith("deepspeed") and meta.get("world_size", world) != world:
+        raise UserError(f"checkpoint {latest.name} holds DeepSpeed ZeRO shards of {meta['world_size']} GPU(s) and "
+                        f"this run has {world}: resume on {meta['world_size']} GPU(s), or continue from its weights "
+                        f"with --load-model {run_dir / 'rwkv-<N>.pth'} in a fresh --out (new optimizer state)")
     return latest, RunState(**meta["state"])
 
 
