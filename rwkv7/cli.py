@@ -14,7 +14,7 @@ import sys
 from rwkv7.errors import UserError
 
 # module names under rwkv7.commands, in the order `rwkv7 --help` lists them
-COMMANDS = ["train", "init", "recipes", "check", "fetch", "prepare", "generate", "eval", "doctor"]
+COMMANDS = ["train", "init", "recipes", "check", "fetch", "prepare", "generate", "eval", "doctor", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

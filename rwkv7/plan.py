@@ -1,0 +1,101 @@
+"""What fits, and how fast: memory per GPU for each strategy, measured throughput, time to finish a recipe.
+
+Memory model (bytes; P parameters, n = micro_bsz x ctx_len tokens per GPU, C, L, V):
+  weights and optimizer, per parameter: single 2 (bf16) + 4 (fp32 master) + 8 (Adam m, v) + 4 (fp32 master grad)
+    + 2 (bf16 grad); ZeRO-2: 2 + 2 + 16/N (+ two buckets); ZeRO-3: 20/N (+ buckets); *_offload moves the 16/N
+    (stage 3: 20/N, keeping 4/N on the GPU) to host memory.
+  loss head: bf16 logits and their gradient (n V 4) + one fp32 chunk of the fused loss (2048 V 4).
+  activations: grad_cp 1 keeps each block's inputs (x, v_first: 4 n C per layer) and rebuilds one block at a time
+    (A n C); grad_cp 0 keeps every block's (L A n C). A = 108 bytes per channel per token, fitted to the 0.1b
+    H200 measurements in MEASURED (docs/PERFORMANCE.md); tests/test_plan.py checks the model against them.
+These are estimates: allocator fragmentation, CUDA context (~0.5 GiB) and DeepSpeed's own buffers come on top.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rwkv7.recipe import Recipe
+
+GIB = 2 ** 30
+ACT_BYTES_PER_CHANNEL = 108
+LOSS_CHUNK_ROWS = 2048
+STRATEGIES = ("single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+              "deepspeed_stage_3_offload")
+
+# Measured on one H200, 2026-11-26, bench/train_bench.py (docs/PERFORMANCE.md): (L, C, strategy, grad_cp) ->
+# (tokens/s, peak GiB). 0.4b/1.5b were taken before the fused loss (their peaks include an fp32 copy of the logits).
+MEASURED_H200 = {
+    (12, 768, "single", 1): (51_568, 6.749),
+    (12, 768, "single", 0): (106_990, 13.432),
+    (12, 768, "deepspeed_stage_2", 1): (37_493, 6.742),
+    (12, 768, "deepspeed_stage_2", 0): (46_020, None),
+    (24, 1024, "deepspeed_stage_2", 1): (14_685, None),
+    (24, 2048, "deepspeed_stage_2", 1): (14_046, None),
+}
+
+
+@dataclass
+class Estimate:
+    strategy: str
+    gpu_gib: float
+    host_gib: float
+    tokens_per_s: float | None   # per GPU, measured (None when not measured for this shape and strategy)
+    fits: bool
+    note: str = ""
+
+
+def count_parameters(recipe: Recipe) -> int:
+    import torch
+
+    from rwkv7.model import ModelShape, RWKV7
+
+    m = recipe.model
+    with torch.device("meta"):
+        return sum(p.numel() for p in RWKV7(ModelShape(m.n_layer, m.n_embd, m.vocab_size, m.head_size)).parameters())
+
+
+def memory(recipe: Recipe, strategy: str, gpus: int, grad_cp: int, params: int) -> tuple[float, float]:
+    """(GPU GiB, host GiB) per GPU for one strategy."""
+    m, t = recipe.model, recipe.train
+    P, N, C, L, V = params, gpus, m.n_embd, m.n_layer, m.vocab_size
+    n = t.micro_bsz * t.ctx_len
+    buckets = 2 * t.ds_bucket_mb * 1e6
+    host = 0.0
+    if strategy == "single":
+        weights = 20 * P
+    elif strategy == "deepspeed_stage_2":
+        weights = 4 * P + 16 * P / N + buckets
+    elif strategy == "deepspeed_stage_2_offload":
+        weights, host = 4 * P + buckets, 16 * P / N
+    elif strategy == "deepspeed_stage_3":
+        weights = 20 * P / N + buckets
+    else:  # deepspeed_stage_3_offload
+        weights, host = 4 * P / N + buckets, 16 * P / N
+    head = n * V * 4 + LOSS_CHUNK_ROWS * V * 4
+    block = ACT_BYTES_PER_CHANNEL * n * C
+    acts = L * 4 * n * C + block if grad_cp else L * block
+    return (weights + head + acts) / GIB, host / GIB
+
+
+def plan(recipe: Recipe, gpus: int, gpu_gib: float, host_gib: float | None = None) -> list[Estimate]:
+    params = count_parameters(recipe)
+    m, t = recipe.model, recipe.train
+    out = []
+    for strategy in STRATEGIES:
+        if strategy == "single" and gpus != 1:
+            continue
+        g, h = memory(recipe, strategy, gpus, t.grad_cp, params)
+        fits = g <= gpu_gib and (host_gib is None or h <= host_gib)
+        measured = MEASURED_H200.get((m.n_layer, m.n_embd, strategy, t.grad_cp))
+        tok = measured[0] if measured and (t.micro_bsz, t.ctx_len) == (16, 512) else None
+        out.append(Estimate(strategy, g, h, tok, fits))
+    return out
+
+
+def recommend(estimates: list[Estimate]) -> Estimate | None:
+    """The fastest measured strategy that fits; else the first that fits, in order of expected speed."""
+    fitting = [e for e in estimates if e.fits]
+    measured = [e for e in fitting if e.tokens_per_s]
+    if measured:
+        return max(measured, key=lambda e: e.tokens_per_s)
+    return fitting[0] if fitting else None

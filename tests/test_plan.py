@@ -1,0 +1,38 @@
+"""rwkv7 plan: the memory model against measured peaks, the strategy choice, the CLI."""
+import pytest
+
+from rwkv7.plan import MEASURED_H200, count_parameters, memory, plan, recommend
+from rwkv7.recipe import load_recipe
+
+
+@pytest.mark.parametrize("key", [k for k, v in MEASURED_H200.items() if v[1] is not None])
+def test_memory_estimate_within_15_percent_of_measured_peak(key):
+    L, C, strategy, grad_cp = key
+    r = load_recipe("0.1b", [f"model.n_layer={L}", f"model.n_embd={C}"])
+    est, _ = memory(r, strategy, 1, grad_cp, count_parameters(r))
+    measured = MEASURED_H200[key][1]
+    assert abs(est / measured - 1) <= 0.15, (key, est, measured)
+
+
+def test_sharding_and_offload_move_memory_where_they_should():
+    r = load_recipe("1.5b")
+    P = count_parameters(r)
+    z2_1, _ = memory(r, "deepspeed_stage_2", 1, 1, P)
+    z2_4, _ = memory(r, "deepspeed_stage_2", 4, 1, P)
+    z3_4, _ = memory(r, "deepspeed_stage_3", 4, 1, P)
+    off, host = memory(r, "deepspeed_stage_3_offload", 4, 1, P)
+    assert z2_4 < z2_1 and z3_4 < z2_4 and off < z3_4 and host > 0
+    assert memory(r, "single", 1, 0, P)[0] > memory(r, "single", 1, 1, P)[0]  # grad_cp saves memory
+
+
+def test_recommendation_prefers_the_fastest_measured_fit_and_reports_no_fit():
+    assert recommend(plan(load_recipe("0.1b"), 1, 80.0)).strategy == "single"
+    assert recommend(plan(load_recipe("0.1b"), 1, 5.0)).strategy.endswith("offload")
+    assert recommend(plan(load_recipe("3b"), 1, 4.0, host_gib=1.0)) is None
+
+
+def test_plan_cli(cli):
+    code, out, _ = cli("plan", "--recipe", "0.1b", "--gpus", "2")
+    assert code == 0 and "deepspeed_stage_2" in out and "single" not in out.split("strategy", 1)[1].split("recommended")[0]
+    code, _, err = cli("plan", "--recipe", "0.1b", "--gpus", "0")
+    assert code == 2 and err.startswith("error:")
