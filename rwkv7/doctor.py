@@ -28,11 +28,8 @@ from rwkv7.errors import UserError
 from rwkv7.recipe import Recipe
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-OPTIMIZER_BYTES_PER_PARAM = 16   # bf16 weights + bf16 grads + fp32 master + 2 fp32 Adam moments (rounded)
 CHECKPOINT_BYTES_PER_PARAM = 16  # one full checkpoint (weights, masters, Adam moments), upper bound
 WEIGHTS_BYTES_PER_PARAM = 2      # one bf16 rwkv-N.pth
-ACT_BYTES_GRAD_CP = 40           # per micro_bsz * ctx_len * n_embd * n_layer element, with grad_cp=1
-ACT_FACTOR_NO_GRAD_CP = 5
 
 
 @dataclass
@@ -50,18 +47,18 @@ def _gib(n: float) -> str:
 
 
 def n_params(recipe: Recipe) -> int:
-    from rwkv7.commands.recipes import count_parameters
+    from rwkv7.plan import count_parameters
 
-    m = recipe.model
-    return count_parameters(m.n_layer, m.n_embd, m.vocab_size, m.head_size)
+    return count_parameters(recipe)
 
 
 def gpu_memory_estimate(recipe: Recipe, params: int) -> int:
-    m, t = recipe.model, recipe.train
-    act = t.micro_bsz * t.ctx_len * m.n_embd * m.n_layer * ACT_BYTES_GRAD_CP
-    if not t.grad_cp:
-        act *= ACT_FACTOR_NO_GRAD_CP
-    return params * OPTIMIZER_BYTES_PER_PARAM + act
+    """Bytes per GPU for the recipe's strategy (the model of rwkv7.plan)."""
+    from rwkv7.plan import GIB, memory
+
+    t = recipe.train
+    strategy = t.strategy if t.strategy in ("single",) or t.strategy.startswith("deepspeed") else "single"
+    return int(memory(recipe, strategy, t.devices * t.num_nodes, t.grad_cp, params)[0] * GIB)
 
 
 def disk_estimate(recipe: Recipe, params: int) -> int:
@@ -165,7 +162,7 @@ def check_gpu_memory(recipe: Recipe, run_dir: Path, probe: bool) -> Check | None
         return None
     need = gpu_memory_estimate(recipe, n_params(recipe))
     free, total = torch.cuda.mem_get_info(0)
-    text = (f"estimate {_gib(need)} per GPU (rough: params x 16 B + activations), {_gib(free)} free of "
+    text = (f"estimate {_gib(need)} per GPU (rwkv7 plan's model), {_gib(free)} free of "
             f"{_gib(total)}")
     if need > free:
         return Check("gpu mem", WARN, text + ": may run out of memory; lower train.micro_bsz or set train.grad_cp=1")
