@@ -36,11 +36,11 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import IO, Union
 
 from rwkv7.errors import UserError
+from rwkv7.fsutil import atomic_write_bytes
 
 __all__ = [
     "EpochRecord", "CheckRow", "CheckResult", "parse_log", "parse_log_text", "format_epoch_line",
@@ -330,21 +330,6 @@ def _can_encode(stream: IO[str], text: str) -> bool:
         return False
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def plot_check(result: CheckResult, actual: Sequence[EpochRecord], expected: Sequence[EpochRecord],
                path: str) -> None:
     """Write loss.png: actual vs expected loss with the tolerance band, lr on a second axis. Atomic."""
@@ -412,7 +397,7 @@ def plot_check(result: CheckResult, actual: Sequence[EpochRecord], expected: Seq
         fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _wrap(text: str, width: int) -> str:
@@ -449,7 +434,7 @@ def run_check(log: str | os.PathLike, expected: str | os.PathLike, tolerance: fl
     print(format_table(result, delta_symbol), file=stream)
     json_path = os.path.join(out, "check.json")
     try:
-        _atomic_write(json_path, result.to_json(log=os.path.abspath(log), expected=os.path.abspath(expected)).encode())
+        atomic_write_bytes(json_path, result.to_json(log=os.path.abspath(log), expected=os.path.abspath(expected)).encode())
     except OSError as e:
         raise UserError(f"cannot write {json_path}: {e.strerror or e}") from None
     if plot:

@@ -197,7 +197,10 @@ def test_wkv7_reference_matches_naive_loop_with_state():
     r, z, k, v, a, b, s0 = wkv_inputs()
     y_ref, s_ref = naive_wkv7(r, z, k, v, a, b, s0)
     y, s = wkv7_reference(r, z, k, v, a, b, state=s0, return_state=True)
-    assert s.dtype == torch.float32  # the state is fp32, as in the kernels
+    # the state is fp32 for bf16/fp32 inputs, as in the kernels (fp64 inputs keep fp64: the tests' ground truth)
+    for dtype in (torch.bfloat16, torch.float32):
+        low = [t.to(dtype) for t in (r, z, k, v, a, b)]
+        assert wkv7_reference(*low, state=s0.float(), return_state=True)[1].dtype == torch.float32
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
     # without a state argument: zero initial state, and y alone is returned
     y0_ref, _ = naive_wkv7(r, z, k, v, a, b, torch.zeros_like(s0))
