@@ -8,8 +8,7 @@ def register(sub) -> None:
     p = recipe_parser(sub, "plan", "estimate memory per GPU, throughput and time to finish for each strategy",
                       "Estimate, for a recipe on N GPUs, the memory each strategy needs per GPU (weights, optimizer, "
                       "loss head, activations with the recipe's grad_cp), the measured throughput where we have "
-                      "one (H200), the time to finish the recipe's token budget, and recommend a strategy.",
-                      "unused (accepted for symmetry)")
+                      "one (H200), the time to finish the recipe's token budget, and recommend a strategy.")
     p.add_argument("--gpus", type=int, default=1, help="GPUs in total [1]")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU [80]")
     p.add_argument("--host-mem", type=float, default=None, help="GiB of host memory per GPU for offload")

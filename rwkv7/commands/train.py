@@ -10,11 +10,12 @@ def add_recipe_args(p) -> None:
                    nargs="+", help="override a recipe value, e.g. --set train.micro_bsz=8 (repeatable)")
 
 
-def recipe_parser(sub, name: str, help: str, description: str, out_help: str):
-    """A command parser with the shared --recipe/--set/--out arguments."""
+def recipe_parser(sub, name: str, help: str, description: str, out_help: str | None = None):
+    """A command parser with the shared --recipe/--set arguments (and --out when out_help is given)."""
     p = sub.add_parser(name, help=help, description=description)
     add_recipe_args(p)
-    p.add_argument("--out", help=out_help)
+    if out_help:
+        p.add_argument("--out", help=out_help)
     return p
 
 
