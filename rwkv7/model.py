@@ -31,6 +31,7 @@ class ModelShape:
     n_embd: int
     vocab_size: int
     head_size: int = 64
+    lora: tuple | None = None  # (w, a, v, g) ranks; None: the official formula (released checkpoints may differ)
 
     @property
     def n_head(self) -> int:
@@ -49,7 +50,7 @@ class TimeMix(nn.Module):
         self.layer_id, self.n_head, self.head_size = layer_id, H, N
         mu = lambda: nn.Parameter(torch.empty(1, 1, C))  # noqa: E731
         self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = mu(), mu(), mu(), mu(), mu(), mu()
-        dw, da, dv, dg = (lora_rank(C, k) for k in "wavg")
+        dw, da, dv, dg = shape.lora or tuple(lora_rank(C, k) for k in "wavg")
         self.w1, self.w2, self.w0 = nn.Parameter(torch.empty(C, dw)), nn.Parameter(torch.empty(dw, C)), mu()
         self.a1, self.a2, self.a0 = nn.Parameter(torch.empty(C, da)), nn.Parameter(torch.empty(da, C)), mu()
         self.v1, self.v2, self.v0 = nn.Parameter(torch.empty(C, dv)), nn.Parameter(torch.empty(dv, C)), mu()
@@ -181,8 +182,10 @@ class RWKV7(nn.Module):
 
 
 def shape_from_state_dict(sd: dict) -> ModelShape:
-    """Read the architecture off an official-format state dict."""
+    """Read the architecture off an official-format state dict, LoRA ranks included."""
     vocab, C = sd["emb.weight"].shape
     H, N = sd["blocks.0.att.r_k"].shape
     L = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    return ModelShape(n_layer=L, n_embd=C, vocab_size=vocab, head_size=N)
+    lora = tuple(int(sd[f"blocks.0.att.{k}1"].shape[1]) for k in "wavg")
+    formula = tuple(lora_rank(int(C), k) for k in "wavg")
+    return ModelShape(n_layer=L, n_embd=C, vocab_size=vocab, head_size=N, lora=None if lora == formula else lora)

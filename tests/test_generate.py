@@ -256,3 +256,21 @@ def test_cli_bad_model_files(tmp_path, capsys):
     assert "not an RWKV-7" in one_error_line(capsys)
     assert cli.main(["eval", "--model", str(foreign), "--data", str(tmp_path / "absent"), "--device", "cpu"]) == 2
     assert "not found" in one_error_line(capsys)
+
+
+def test_checkpoint_with_other_lora_ranks_loads(tmp_path):
+    """Released checkpoints (e.g. G1) use LoRA ranks other than the training formula: load_model reads them."""
+    import torch
+
+    from rwkv7 import load_model
+    from rwkv7.checkpoint import save_weights
+    from rwkv7.init import init_model
+    from rwkv7.model import ModelShape, RWKV7
+
+    model = init_model(RWKV7(ModelShape(2, 128, 300, lora=(32, 64, 32, 96))), seed=1)
+    save_weights(model, tmp_path / "m.pth", dtype=torch.float32)
+    loaded = load_model(tmp_path / "m.pth")
+    assert loaded.shape.lora == (32, 64, 32, 96)
+    assert loaded.blocks[1].att.g1.shape == (128, 96)
+    idx = torch.randint(0, 300, (1, 8))
+    assert torch.equal(loaded(idx), model.eval()(idx))
