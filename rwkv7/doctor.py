@@ -5,8 +5,8 @@ configured (no GPU for a GPU recipe, data missing or invalid, a run folder that 
 a single checkpoint, DeepSpeed missing for a DeepSpeed strategy); a warn means it may be slow or may run out of
 something (kernel not prebuilt, GPU memory or disk below the estimate). Memory and disk figures are estimates:
 
-- GPU memory: params x 16 bytes (bf16 weights and grads, fp32 masters, Adam moments) plus activations of about
-  micro_bsz x ctx_len x n_embd x n_layer x 40 bytes with grad_cp=1, about 5x that without;
+- GPU memory: the model of rwkv7/plan.py for the recipe's strategy (weights, optimizer state, loss head,
+  activations with the recipe's grad_cp), checked there against measured peaks;
 - disk in the run folder: params x 2 bytes (one bf16 weights file) + params x 16 bytes (one full checkpoint) x
   train.keep_checkpoints; hub data also needs its download size where that is known.
 

@@ -22,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+MIN_CHUNKS = 228  # below 228 ctx chunks some sizes have no magic prime within the official 0.9 ratio
 MINI_EPOCH_SAMPLES = 40320  # official: a mini-epoch is always 40320 samples (= 8!), docs/ALIGNMENT.md
 
 
@@ -273,6 +274,12 @@ def validate(r: Recipe) -> None:
     if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy != "auto"):
         raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto (DeepSpeed and bf16 training "
                         "are GPU paths; train.devices=N on a CPU runs N processes with DDP)")
+    if t.strategy.startswith("deepspeed_stage_3"):
+        raise UserError(f"train.strategy={t.strategy} is not supported yet (its sharded weights are not gathered "
+                        "into rwkv-N.pth); use deepspeed_stage_2 or deepspeed_stage_2_offload")
+    if t.max_bad_steps and t.devices * t.num_nodes > 1:
+        raise UserError("train.max_bad_steps > 0 (skipping bad steps) needs a single process: with several ranks a "
+                        "bad step stops the run (the last good checkpoint is kept)")
     if t.strategy == "single" and (t.accelerator != "gpu" or t.devices * t.num_nodes != 1):
         raise UserError("train.strategy=single is one GPU (pure bf16 + fp32 master weights); use "
                         "deepspeed_stage_2 for several GPUs")
@@ -291,5 +298,5 @@ def validate(r: Recipe) -> None:
         raise UserError(f"data.source must be binidx, hub or synthetic, got {d.source!r}")
     if d.source == "hub" and (not d.hub_repo or len(d.hub_files) != 2):
         raise UserError("data.source=hub needs data.hub_repo and data.hub_files = [idx path, bin path]")
-    if d.source == "synthetic" and d.synthetic_tokens < 16 * t.ctx_len:
-        raise UserError(f"data.synthetic_tokens ({d.synthetic_tokens}) must be at least 16 x ctx_len")
+    if d.source == "synthetic" and d.synthetic_tokens < MIN_CHUNKS * t.ctx_len:
+        raise UserError(f"data.synthetic_tokens ({d.synthetic_tokens}) must be at least {MIN_CHUNKS} x ctx_len")

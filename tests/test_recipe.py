@@ -51,6 +51,9 @@ def test_fingerprint_ignores_run_length_but_not_numbers():
     ("train.strategy=ddp", "unknown"),
     ("model.nope=1", "unknown key"),
     ("train.warmup_steps=x", "must be a int"),
+    ("train.strategy=deepspeed_stage_3 train.accelerator=gpu train.precision=bf16", "not supported yet"),
+    ("train.max_bad_steps=2 train.devices=2", "single process"),
+    ("data.synthetic_tokens=10000", "at least 228"),
 ])
 def test_bad_values_are_rejected_with_a_clear_message(override, words):
     with pytest.raises(UserError, match=words):

@@ -68,9 +68,12 @@ def locate(recipe: Recipe) -> Path:
     return Path(d.path)
 
 
-def check_magic_prime(p: int, n_tokens: int, ctx_len: int) -> None:
+def check_magic_prime(p: int, n_tokens: int, ctx_len: int, computed: bool = False) -> None:
     """Official asserts: p prime, p % 3 == 2, 0.9 < p / (n_tokens // ctx_len) <= 1 (and the last window fits)."""
     chunks = n_tokens // ctx_len
+    if computed and not (0.9 < p / chunks <= 1):
+        raise UserError(f"{n_tokens} tokens are too few for ctx_len {ctx_len}: no magic prime within the official "
+                        "0.9 ratio; use more data or a smaller train.ctx_len")
     if not is_prime(p) or p % 3 != 2:
         raise UserError(f"data.magic_prime {p} must be a prime with p % 3 == 2; leave it 0 to compute it")
     if not (0.9 < p / chunks <= 1) or (p - 1) * ctx_len + ctx_len + 1 > n_tokens:
@@ -86,7 +89,7 @@ def open_training_binidx(prefix, recipe: Recipe) -> tuple[BinIdx, int]:
     if len(data) < 2 * (ctx + 1):
         raise UserError(f"{data.prefix}: {len(data)} tokens is too few for ctx_len {ctx}")
     p = recipe.data.magic_prime or largest_magic_prime(len(data), ctx)
-    check_magic_prime(p, len(data), ctx)
+    check_magic_prime(p, len(data), ctx, computed=not recipe.data.magic_prime)
     return data, p
 
 

@@ -39,7 +39,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 m.grad = torch.empty_like(m) if m.grad is None else m.grad
                 model.append(p.grad)
                 master.append(m.grad)
-        if not master:
+        if not master:  # a skipped step (no gradients)
+            self.last_grad_norm = None
             return loss
         torch._foreach_copy_(master, model)
         for p, _ in self._pairs():

@@ -111,6 +111,7 @@ class RWKV7Module(pl.LightningModule):
         self.run_step = 0            # the run's global step, set by the tracker before each batch
         self.bad_steps = bad_steps   # non-finite steps so far (carried across resumes)
         self.last_grad_norm = None
+        self.skipped = False         # this step's loss was replaced by a zero (DeepSpeed cannot skip backward)
         # Checking the loss before backward costs a GPU sync per step; on GPUs it is done one step late by the
         # tracker instead, unless bad steps are to be skipped (which needs the answer before the update).
         self.check_now = recipe.train.accelerator == "cpu" or recipe.train.max_bad_steps > 0
@@ -135,17 +136,28 @@ class RWKV7Module(pl.LightningModule):
                                 f"({self.bad_steps} bad step(s), train.max_bad_steps={limit})")
         print(f"warning: step {self.run_step}: {what}; skipped ({self.bad_steps}/{limit} allowed)")
         if self.recipe.train.strategy.startswith("deepspeed"):
-            # DeepSpeed cannot skip backward: a zero loss gives zero gradients (Adam's momentum still moves)
-            return (loss * 0.0).nan_to_num(0.0, 0.0, 0.0)
+            # DeepSpeed cannot skip backward: a zero that does not pass through the (non-finite) logits gives zero
+            # gradients (Adam's momentum still moves the weights a little)
+            self.skipped = True
+            return sum((p * 0.0).sum() for p in self.model.parameters())
         return None  # Lightning skips backward and the optimizer step
 
     def configure_gradient_clipping(self, optimizer, optimizer_idx=None, gradient_clip_val=None,
                                     gradient_clip_algorithm=None):
         """Clip the global L2 norm (official: 1.0) and keep the norm for metrics.jsonl (non-DeepSpeed runs;
         DeepSpeed clips inside its optimizer)."""
-        if self.recipe.train.strategy == "single" or self.recipe.train.strategy.startswith("deepspeed"):
-            return  # MasterWeightAdamW and DeepSpeed clip the fp32 master gradients themselves
+        strategy = self.recipe.train.strategy
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if strategy == "single" or strategy.startswith("deepspeed"):
+            # MasterWeightAdamW and DeepSpeed clip the fp32 master gradients themselves; when bad steps are to be
+            # skipped, look at the gradients first (single: MasterWeightAdamW then skips a step without gradients)
+            if self.check_now and strategy == "single" and params:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                if not math.isfinite(float(norm)):
+                    for p in params:
+                        p.grad = None
+                    self._bad_step(f"gradient norm is {float(norm)}")
+            return
         norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
         self.last_grad_norm = norm.detach()
         if self.check_now and not math.isfinite(float(norm)):

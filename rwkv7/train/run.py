@@ -65,6 +65,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
     class _Tracker(pl.Callback):
         def __init__(self):
             self.stop_signal = None
+            self.stopped = False
             self.metrics_buffer: list[str] = []
             self.wandb = None
             self.pending: list = []  # (step, loss tensor, lr, grad norm) not yet read back from the device
@@ -120,30 +121,41 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                 group["lr"] = self.lr * group["my_lr_scale"]
             pl_module.run_step = state.step
             if os.environ.get("RWKV7_PROFILE_STEP") == str(state.step) and trainer.is_global_zero:
-                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                   torch.profiler.ProfilerActivity.CUDA])
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=acts)
                 self.profiler.__enter__()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            skipped = not isinstance(outputs, dict)  # training_step returned None: a skipped bad step
+            # a skipped bad step: training_step returned None, or (DeepSpeed) a zero loss flagged by the module
+            skipped = not isinstance(outputs, dict) or pl_module.skipped
+            pl_module.skipped = False
             loss = None if skipped else outputs["loss"].detach()
             state.step += 1
             norm = getattr(trainer.optimizers[0], "last_grad_norm", None)
             self.pending.append((state.step, loss, self.lr, pl_module.last_grad_norm if norm is None else norm))
-            boundary = state.step % recipe.epoch_steps == 0 or state.step >= last_step or self.stop_signal
+            stop = self._agree(trainer, self.stop_signal is not None)  # every rank stops at the same step
+            boundary = state.step % recipe.epoch_steps == 0 or state.step >= last_step or stop
             # GPU: read the previous step's loss, which is done by now, so the host never waits for the current one
             self._drain(trainer, pl_module, keep=0 if boundary or pl_module.check_now else 1)
             if state.step % recipe.epoch_steps == 0:
-                self._end_mini_epoch(trainer, pl_module)
-            if self.stop_signal is not None:
-                if state.step % recipe.epoch_steps:  # mid mini-epoch: keep the partial sums for an exact resume
-                    save_full_checkpoint(trainer, pl_module, recipe, run_dir, state)
+                self._end_mini_epoch(trainer, pl_module, stop)
+            elif stop or state.step >= last_step:  # mid mini-epoch: keep the partial sums for an exact resume
+                save_full_checkpoint(trainer, pl_module, recipe, run_dir, state)
+            if stop:
+                self.stopped = True
                 trainer.should_stop = True
             if state.step >= last_step:
                 trainer.should_stop = True
             testhooks.kill_if("kill", state.step)
             if getattr(self, "profiler", None) is not None and state.step >= int(os.environ["RWKV7_PROFILE_STEP"]) + 3:
                 self._write_profile()
+
+        @staticmethod
+        def _agree(trainer, flag: bool) -> bool:
+            """True on every rank if it is true on any (a decision all ranks must act on together)."""
+            return trainer.strategy.reduce_boolean_decision(flag, all=False) if trainer.world_size > 1 else flag
 
         def _validate(self, pl_module, epoch):
             """Held-out loss on data.val_path (first data.val_tokens tokens), in val_log.txt: the official
@@ -158,7 +170,8 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
 
         def _write_profile(self):
             """RWKV7_PROFILE_STEP=N: profile steps N..N+2 into profile.txt (where host and GPU time go)."""
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.profiler.__exit__(None, None, None)
             events = self.profiler.key_averages()
             text = "\n\n".join(events.table(sort_by=key, row_limit=25) for key in ("self_cuda_time_total",
@@ -170,12 +183,13 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             while len(self.pending) > keep:
                 step, loss_t, lr, norm = self.pending.pop(0)
                 loss = float("nan") if loss_t is None else float(loss_t)
+                diverged = loss_t is not None and not math.isfinite(loss) and not pl_module.check_now
+                if self._agree(trainer, diverged):  # found one step late: the update is done, so all ranks stop
+                    raise NonFiniteLoss(f"training diverged at step {step - 1}: loss is {loss} "
+                                        "(set train.max_bad_steps to skip bad steps)")
                 if math.isfinite(loss):
                     state.loss_sum += loss
                     state.loss_count += 1
-                elif not pl_module.check_now:  # found one step late: the update is done, so stop here
-                    raise NonFiniteLoss(f"training diverged at step {step - 1}: loss is {loss} "
-                                        "(set train.max_bad_steps to skip bad steps)")
                 self._progress(step, lr)
                 self._metric(trainer, step, loss, lr, None if norm is None else float(norm))
 
@@ -211,7 +225,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                     f.write("\n".join(self.metrics_buffer) + "\n")
             self.metrics_buffer = []
 
-        def _end_mini_epoch(self, trainer, pl_module):
+        def _end_mini_epoch(self, trainer, pl_module, stop: bool):
             from rwkv7.trajectory import format_epoch_line
 
             mean = torch.tensor([state.loss_sum / max(state.loss_count, 1)], dtype=torch.float64,
@@ -222,7 +236,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             state.records.append({"epoch": epoch, "loss": avg, "lr": self.lr, "line": line})
             state.loss_sum, state.loss_count = 0.0, 0
             last = state.step >= last_step
-            save = epoch % recipe.train.epoch_save == 0 or last or self.stop_signal is not None
+            save = epoch % recipe.train.epoch_save == 0 or last or stop
             if save:
                 # checkpoint first, log line second: a crash in between is repaired from the checkpoint on resume
                 save_full_checkpoint(trainer, pl_module, recipe, run_dir, state)
@@ -241,6 +255,9 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
 
 def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, state: RunState) -> None:
     state.bad_steps = pl_module.bad_steps
+    if trainer.world_size > 1 and state.loss_count:  # rank 0 writes meta.json: store the mean over ranks
+        local = torch.tensor(state.loss_sum, dtype=torch.float64, device=pl_module.device)
+        state.loss_sum = float(trainer.strategy.reduce(local, reduce_op="mean"))
     meta = {"state": asdict(state), "fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(),
             "world_size": trainer.world_size, "time": datetime.datetime.now().isoformat()}
     engine = getattr(trainer.strategy, "deepspeed_engine", None)
@@ -248,6 +265,7 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
     if trainer.is_global_zero:
         tmp = ckpt.begin_checkpoint(run_dir, state.step)
     trainer.strategy.barrier()
+    error = None
     try:
         if engine is not None:
             engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
@@ -256,15 +274,24 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
         elif trainer.is_global_zero:
             ckpt.save_plain_state(tmp, pl_module.model, trainer.optimizers[0])
         testhooks.kill_if("kill-ckpt", state.step)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            ckpt.commit_checkpoint(tmp, meta, recipe.train.keep_checkpoints)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        error = e
+    # all ranks learn whether any write failed, so none waits for a rank that gave up
+    failed = trainer.strategy.reduce_boolean_decision(error is not None, all=False) if trainer.world_size > 1 \
+        else error is not None
+    if not failed and trainer.is_global_zero:
+        try:
+            ckpt.commit_checkpoint(tmp, meta, recipe.train.keep_checkpoints)
+        except OSError as e:
+            error = e
+    if error is not None or (failed and trainer.world_size > 1):
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = ckpt.checkpoint_dirs(run_dir)
-        raise UserError(f"could not write the checkpoint of step {state.step} ({e.strerror or e}); "
+        why = (error.strerror or str(error)) if error is not None else "another rank could not write its part"
+        raise UserError(f"could not write the checkpoint of step {state.step} ({why}); "
                         f"{'kept ' + kept[-1].name if kept else 'no earlier checkpoint exists'}: free disk space "
-                        "in " + str(run_dir) + " and run the same command to resume") from None
+                        "in " + str(run_dir) + " and run the same command to resume")
     trainer.strategy.barrier()
 
 
@@ -295,6 +322,20 @@ def repair_log(log: Path, state: RunState) -> None:
         kept.append(line)
     kept += [known[e] for e in sorted(known) if e not in seen]
     atomic_write_text(log, "".join(kept))
+
+
+def trim_after(path: Path, keep) -> None:
+    """Drop the lines of a per-step/per-epoch log written after the checkpoint we resume from (they are redone)."""
+    if path.is_file():
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        atomic_write_text(path, "".join(ln for ln in lines if ln.endswith("\n") and keep(ln)))
+
+
+def repair_run_files(run_dir: Path, state: RunState) -> None:
+    repair_log(run_dir / "train_log.txt", state)
+    epochs = {r["epoch"] for r in state.records}
+    trim_after(run_dir / "metrics.jsonl", lambda ln: json.loads(ln)["step"] <= state.step)
+    trim_after(run_dir / "val_log.txt", lambda ln: int(ln.split()[0]) in epochs)
 
 
 def find_resume(run_dir: Path, recipe: Recipe, force: bool) -> tuple[Path | None, RunState]:
@@ -364,7 +405,9 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
 def launched_as_rank_zero() -> bool:
     """Lightning starts ranks > 0 as copies of this command with LOCAL_RANK/NODE_RANK set; only rank 0 writes the
     run folder's shared files before the Trainer (and its process group) exists."""
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    global_rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))  # torchrun / srun set these
+    return (int(global_rank) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+            and int(os.environ.get("NODE_RANK", 0)) == 0)
 
 
 def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_resume: bool = False,
@@ -403,7 +446,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
     if resume_from is not None:
         ckpt.load_into(model, _checkpoint_weights(resume_from), str(resume_from))
         if writer:
-            repair_log(log, state)
+            repair_run_files(run_dir, state)
             print(f"resuming {run_dir} from {resume_from.name} (step {state.step} of {last_step})")
     elif start_weights is not None:
         ckpt.load_into(model, start_weights, load_model)
@@ -412,8 +455,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
         init_model(model, seed=recipe.train.seed, bf16_round=recipe.train.init_bf16_round)
         if writer:
             ckpt.save_weights(model, run_dir / "rwkv-init.pth")
-            log.unlink(missing_ok=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            for name in ("train_log.txt", "metrics.jsonl", "val_log.txt"):
+                (run_dir / name).unlink(missing_ok=True)
     first_epoch = state.step // epoch_steps
     if writer:
         append_line(log, f"NEW RUN {datetime.datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}\n"
@@ -439,8 +482,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
     except NonFiniteLoss as e:
         print(f"error: {e}; the last good checkpoint is kept in {run_dir / ckpt.CKPT_DIR}")
         return EXIT_DIVERGED
-    if tracker.stop_signal is not None:
-        print(f"stopped by signal {tracker.stop_signal} at step {state.step}; run the same command to resume")
+    if tracker.stopped:
+        print(f"stopped by a signal at step {state.step}; run the same command to resume")
         return EXIT_INTERRUPTED
     if trainer.is_global_zero:
         ckpt.save_weights(model, run_dir / "rwkv-final.pth")
