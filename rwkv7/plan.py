@@ -88,7 +88,8 @@ def plan(recipe: Recipe, gpus: int, gpu_gib: float, host_gib: float | None = Non
         fits = g <= gpu_gib and (host_gib is None or h <= host_gib)
         measured = MEASURED_H200.get((m.n_layer, m.n_embd, strategy, t.grad_cp))
         tok = measured[0] if measured and (t.micro_bsz, t.ctx_len) == (16, 512) else None
-        out.append(Estimate(strategy, g, h, tok, fits))
+        note = "not supported yet (recipe validation refuses it)" if "stage_3" in strategy else ""
+        out.append(Estimate(strategy, g, h, tok, fits and not note, note))
     return out
 
 

@@ -31,7 +31,8 @@ def run(args) -> int:
     print(f"{'strategy':28} {'GPU GiB':>8} {'host GiB':>9} {'fits':>5} {'tok/s/GPU':>10}")
     for e in rows:
         tok = f"{e.tokens_per_s:,.0f}" if e.tokens_per_s else "-"
-        print(f"{e.strategy:28} {e.gpu_gib:>8.1f} {e.host_gib:>9.1f} {'yes' if e.fits else 'no':>5} {tok:>10}")
+        print(f"{e.strategy:28} {e.gpu_gib:>8.1f} {e.host_gib:>9.1f} {'yes' if e.fits else 'no':>5} {tok:>10}"
+              f"  {e.note}".rstrip())
     best = recommend(rows)
     if best is None:
         print("nothing fits: lower train.micro_bsz, set train.grad_cp=1, or use more GPUs")
