@@ -200,7 +200,11 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                 self.t_last, self.step_last = now, step
                 if self.bar is not None:
                     avg = state.loss_sum / max(state.loss_count, 1)
-                    self.bar.set_postfix_str(f"loss {avg:.4f} lr {lr:.3g} {self.tok_s / 1e3:.1f} kt/s", False)
+                    text = f"loss {avg:.4f} lr {lr:.3g} {self.tok_s / 1e3:.1f} kt/s"
+                    if self.peak:  # GPU: model FLOPs utilisation and peak memory, as in metrics.jsonl
+                        mfu = self.tok_s * self.flops / (self.peak * 1e12)
+                        text += f" MFU {mfu:.1%} {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB"
+                    self.bar.set_postfix_str(text, False)
             if self.bar is not None:
                 self.bar.update(1)
 
