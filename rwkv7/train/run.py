@@ -82,6 +82,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             dataset.rank, dataset.world = trainer.global_rank, trainer.world_size
 
         def on_train_start(self, trainer, pl_module):
+            self.world = trainer.world_size
             if resume_from is not None:
                 restore_optimizer(trainer, pl_module, resume_from)
             if torch.cuda.is_available() and recipe.train.accelerator == "gpu":
@@ -202,7 +203,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                     avg = state.loss_sum / max(state.loss_count, 1)
                     text = f"loss {avg:.4f} lr {lr:.3g} {self.tok_s / 1e3:.1f} kt/s"
                     if self.peak:  # GPU: model FLOPs utilisation and peak memory, as in metrics.jsonl
-                        mfu = self.tok_s * self.flops / (self.peak * 1e12)
+                        mfu = self.tok_s * self.flops / (self.peak * 1e12 * self.world)
                         text += f" MFU {mfu:.1%} {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB"
                     self.bar.set_postfix_str(text, False)
             if self.bar is not None:
