@@ -7,7 +7,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/gpu-suite}; mkdir -p "$OUT"
-STAGES=${STAGES:-"kernel train parity golden generate"}
+STAGES=${STAGES:-"kernel train golden parity generate"}  # run in this order; parity is the slowest
 DATA=${DATA:-.standin/standin}
 if [ -d .whl ] && ! python3 -c "import pytorch_lightning, deepspeed" 2>/dev/null; then
   # keep the machine's own pytest (and its plugins): an older carried pytest breaks e.g. pytest-timeout
@@ -23,10 +23,10 @@ stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
 if has kernel; then stage kernel; OUT=$OUT/kernel bash bench/gpu_kernel_suite.sh 2>&1 | tail -40; else
   python3 kernels/build.py > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }; fi
 if has train; then stage train; python3 bench/train_bench.py --data "$DATA" --quick --json "$OUT/train_bench.json" ${TRAIN_ARGS:-} 2>&1 | tail -14; fi
-if has parity; then stage parity; python3 bench/backend_parity.py --data "$DATA" --steps ${PARITY_STEPS:-100} --long ${LONG_STEPS:-300} 2>&1 | tail -14; cp /tmp/rwkv7-parity/parity.json "$OUT/" 2>/dev/null; fi
 if has golden; then stage golden
   python3 entrypoint.py train --recipe 0.1b-short --out /tmp/golden --fresh --no-progress --set data.path="$DATA" 2>&1 | tail -8
   cp /tmp/golden/train_log.txt "$OUT/0.1b-short-standin.log"; cp /tmp/golden/metrics.jsonl "$OUT/golden-metrics.jsonl"
 fi
+if has parity; then stage parity; python3 bench/backend_parity.py --data "$DATA" --steps ${PARITY_STEPS:-100} --long ${LONG_STEPS:-300} 2>&1 | tail -14; cp /tmp/rwkv7-parity/parity.json "$OUT/" 2>/dev/null; fi
 if has generate; then stage generate; python3 bench/generate.py --quick 2>&1 | tail -12; fi
 echo "=== done ($(date +%H:%M:%S))"
