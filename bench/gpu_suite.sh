@@ -2,7 +2,7 @@
 # The GPU suite in one command (README: "make gpu-test"): install the wheels brought along (if any), build the wkv7
 # kernel ahead of time, run the kernel's GPU tests and benchmark, time training, check CUDA-vs-reference parity,
 # record the 0.1b-short expected log on the stand-in corpus, and time generation. Prints a table per stage.
-#   STAGES="kernel train parity golden generate" DATA=PREFIX bash bench/gpu_suite.sh
+#   STAGES="kernel train golden parity generate" DATA=PREFIX bash bench/gpu_suite.sh
 # DATA: a World-tokenized binidx prefix (the stand-in corpus, or minipile). Outputs go to $OUT (default /tmp/gpu-suite).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
