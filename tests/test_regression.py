@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from rwkv7 import init as rwkv_init
 from rwkv7.recipe import load_recipe

@@ -8,7 +8,6 @@ import math
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from rwkv7 import testhooks
 from rwkv7.init import GROUP_LR_SCALE, optimizer_group
