@@ -213,7 +213,8 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             if not trainer.is_global_zero:
                 return
             row = {"step": step, "mini_epoch": (step - 1) // recipe.epoch_steps, "loss": loss, "lr": lr,
-                   "grad_norm": norm, "tokens_per_s": round(self.tok_s, 1), "tokens_per_step": recipe.tokens_per_step}
+                   "grad_norm": norm, "tokens_per_s": round(self.tok_s, 1), "tokens_per_step": recipe.tokens_per_step,
+                   "time": round(time.time(), 3)}  # when the row was read back (one step late on GPUs)
             if self.peak:
                 row["mfu"] = round(self.tok_s * self.flops / (self.peak * 1e12 * trainer.world_size), 4)
             if torch.cuda.is_available() and recipe.train.accelerator == "gpu":
