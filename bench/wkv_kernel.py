@@ -1,12 +1,14 @@
 """Time our wkv7 CUDA kernel, forward and forward+backward, at B16 T512 H12 and B16 T4096 H12 (bf16, head 64).
 
-    python bench/wkv_kernel.py [--lanes 2,4,8] [--json FILE]
+    python bench/wkv_kernel.py [--fwd 28,211] [--bwd 2,112] [--lanes 2,4,8] [--json FILE]
 
 Medians of triton.testing.do_bench over direct op calls (the forward as in training: checkpoints and sa saved).
-Every thread layout (wkv_cuda.LAYOUTS) is timed; the defaults in rwkv7/wkv_cuda.py are marked f (forward), b (backward). If the
-official kernels were copied into the git-ignored ref/ (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp; with
---classic the classic wkv7_cuda.cu + wkv7_op.cpp), they are JIT-compiled and timed side by side, and their outputs compared with
-ours (same inputs; their y and gradients are bf16 too).
+Every forward layout (wkv_cuda.FWD_LAYOUTS) and every backward layout (wkv_cuda.BWD_LAYOUTS) is timed on its own (the
+backward on layout 28's checkpoints); --lanes sets both lists at once. The defaults in rwkv7/wkv_cuda.py are marked *.
+Per shape it prints the fastest forward and backward, and times fwd+bwd for the default pair and the fastest pair.
+If the official kernels were copied into the git-ignored ref/ (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp;
+with --classic the classic wkv7_cuda.cu + wkv7_op.cpp), they are JIT-compiled and timed side by side, and their outputs
+compared with ours (same inputs; their y and gradients are bf16 too).
 """
 from __future__ import annotations
 
@@ -122,43 +124,68 @@ def main(argv=None):
     from triton.testing import do_bench
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lanes", default=",".join(str(x) for x in wkv_cuda.LAYOUTS))
+    parser.add_argument("--fwd", default=",".join(str(x) for x in wkv_cuda.FWD_LAYOUTS), help="forward layouts")
+    parser.add_argument("--bwd", default=",".join(str(x) for x in wkv_cuda.BWD_LAYOUTS), help="backward layouts")
+    parser.add_argument("--lanes", default=None, help="layouts for both directions (overrides --fwd and --bwd)")
     parser.add_argument("--classic", action="store_true", help="also the classic official kernel (own process!)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    lanes_list = [int(x) for x in args.lanes.split(",")]
+    fwd_list = [int(x) for x in (args.lanes or args.fwd).split(",")]
+    bwd_list = [int(x) for x in (args.lanes or args.bwd).split(",")]
+    for code in fwd_list:
+        if code not in wkv_cuda.FWD_LAYOUTS:
+            parser.error(f"unknown forward layout {code}; known: {wkv_cuda.FWD_LAYOUTS}")
+    for code in bwd_list:
+        if code not in wkv_cuda.BWD_LAYOUTS:
+            parser.error(f"unknown backward layout {code}; known: {wkv_cuda.BWD_LAYOUTS}")
     wkv_cuda.load()
     ext = torch.ops.rwkv7_wkv7_ext
     official = load_official(args.classic)
     dev = torch.cuda.get_device_name()
-    rows, results = [], []
+    rows, results, summary = [], [], []
+    nan = float("nan")
 
     def bench(fn):
         return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    def fwd_bwd(fl, bl):
+        return bench(lambda: ext.backward(*xs, dy, *ext.forward(*xs, None, True, fl)[1:], None, bl))
 
     for B, T, H in SHAPES:
         r, w, k, v, a, b, dy = make_inputs(B, T, H)
         xs = (r, w, k, v, a, b)
         y0, ck0, sa0 = ext.forward(*xs, None, True, 2)
         g0 = ext.backward(*xs, dy, ck0, sa0, None, 2)
-        for lanes in lanes_list:
+        ck28, sa28 = ext.forward(*xs, None, True, 28)[1:]
+        fwd_times, bwd_times = {}, {}
+        for lanes in fwd_list:
             tf = bench(lambda: ext.forward(*xs, None, True, lanes))
-            y, ck, sa = ext.forward(*xs, None, True, lanes)
-            tb = bench(lambda: ext.backward(*xs, dy, ck, sa, None, lanes))
-            tfb = bench(lambda: ext.backward(*xs, dy, *ext.forward(*xs, None, True, lanes)[1:], None, lanes))
             tinf = bench(lambda: ext.forward(*xs, None, False, lanes))
-            star = ("f" if lanes == wkv_cuda.FWD_LANES else " ") + ("b" if lanes == wkv_cuda.BWD_LANES else " ")
-            rows.append((f"ours lanes={lanes}{star}", B, T, H, tf, tb, tfb, tinf))
+            fwd_times[lanes] = tf
+            star = "*" if lanes == wkv_cuda.FWD_LANES else " "
+            rows.append((f"ours fwd layout {lanes}{star}", B, T, H, tf, nan, nan, tinf))
+        for lanes in bwd_list:
+            tb = bench(lambda: ext.backward(*xs, dy, ck28, sa28, None, lanes))
+            bwd_times[lanes] = tb
+            star = "*" if lanes == wkv_cuda.BWD_LANES else " "
+            rows.append((f"ours bwd layout {lanes}{star}", B, T, H, nan, tb, nan, nan))
         fl, bl = wkv_cuda.FWD_LANES, wkv_cuda.BWD_LANES
         tf = bench(lambda: ext.forward(*xs, None, True, fl))
-        tfb = bench(lambda: ext.backward(*xs, dy, *ext.forward(*xs, None, True, fl)[1:], None, bl))
-        rows.append((f"ours default (fwd {fl}, bwd {bl})", B, T, H, tf, tfb - tf, tfb, float("nan")))
+        tfb = fwd_bwd(fl, bl)
+        rows.append((f"ours default (fwd {fl}, bwd {bl})", B, T, H, tf, tfb - tf, tfb, nan))
+        best_f, best_b = min(fwd_times, key=fwd_times.get), min(bwd_times, key=bwd_times.get)
+        if (best_f, best_b) != (fl, bl):
+            tfb = fwd_bwd(best_f, best_b)
+            rows.append((f"ours fastest (fwd {best_f}, bwd {best_b})", B, T, H, fwd_times[best_f], bwd_times[best_b],
+                         tfb, nan))
+        summary.append(f"B{B} T{T} H{H}: fastest forward layout {best_f} ({fwd_times[best_f]:.3f} ms), "
+                       f"fastest backward layout {best_b} ({bwd_times[best_b]:.3f} ms)")
         for name, (fwd, bwd) in official.items():
             tf = bench(lambda: fwd(*xs))
             y, s, sa = fwd(*xs)
             tb = bench(lambda: bwd(*xs, dy, s, sa))
             tfb = bench(lambda: bwd(*xs, dy, *fwd(*xs)[1:]))
-            rows.append((name, B, T, H, tf, tb, tfb, float("nan")))
+            rows.append((name, B, T, H, tf, tb, tfb, nan))
             grads = bwd(*xs, dy, s, sa)
             diffs = {"y": rel(y0, y)}
             if grads is not None:
@@ -172,6 +199,7 @@ def main(argv=None):
         print(f"{name:34s} {B:3d} {T:5d} {H:3d} {tf:8.3f} {tb:8.3f} {tfb:8.3f} {tinf:8.3f}")
         results.append(dict(kernel=name, B=B, T=T, H=H, fwd_ms=tf, bwd_ms=tb, fwd_bwd_ms=tfb, fwd_inference_ms=tinf,
                             device=dev))
+    print("\n".join(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -35,12 +35,32 @@ SOURCES = ("wkv7.cu", "wkv7_op.cpp")
 CUDA_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3", "-lineinfo", "--resource-usage"]  # -std comes from cpp_extension
 CXX_FLAGS = ["-O3"]
 CHUNK = 16
-# Thread layout codes (kernels/wkv7/wkv7.cu): 2, 4, 8 = that many threads per state row; 24, 28, 48 = R rows (first
-# digit) shared by LC threads (second digit). Chosen from bench/wkv_kernel.py; RWKV7_WKV_LANES="fwd,bwd" overrides.
-LAYOUTS = (2, 4, 8, 24, 28, 48)
-FWD_LANES, BWD_LANES = 28, 2  # H200, 2026-11-26: fastest forward / backward of the six
+# Thread layout codes (kernels/wkv7/wkv7.cu). Below 100, one code serves both directions: 2, 4, 8 = that many threads
+# per state row; 24, 28, 48 = R rows (first digit) shared by LC threads (second digit). From 100 up, 100*S + 10*R + LC:
+# kernels that stage through cp.async; the forward splits each (b, h) over S blocks of 64/S rows (211: one row per
+# thread, 32 threads, two blocks per head), the backward has S = 1; forward codes + 1000 fold the decay into a
+# per-column scale of the state within each chunk. Chosen from bench/wkv_kernel.py; RWKV7_WKV_LANES="fwd,bwd" overrides.
+LAYOUTS = (2, 4, 8, 24, 28, 48)  # forward and backward
+_SPLIT = (111, 128, 211, 222, 224, 228, 244, 412, 428)
+FWD_LAYOUTS = LAYOUTS + _SPLIT + tuple(1000 + x for x in _SPLIT)
+BWD_LAYOUTS = LAYOUTS + (112, 114, 124, 128)
+FWD_LANES, BWD_LANES = 1228, 112  # H200, 2026-11-27: fastest forward / backward (bench/wkv_kernel.py)
+
+
+def parse_lanes(value: str) -> tuple[int, int]:
+    """'fwd,bwd' (RWKV7_WKV_LANES) -> (fwd, bwd) layout codes, each checked against FWD_LAYOUTS / BWD_LAYOUTS."""
+    try:
+        fwd, bwd = (int(x) for x in value.split(","))
+    except ValueError:
+        fwd = bwd = None
+    if fwd not in FWD_LAYOUTS or bwd not in BWD_LAYOUTS:
+        raise UserError(f"RWKV7_WKV_LANES={value!r}: expected 'fwd,bwd' with fwd one of {FWD_LAYOUTS} and bwd one of "
+                        f"{BWD_LAYOUTS}")
+    return fwd, bwd
+
+
 if os.environ.get("RWKV7_WKV_LANES"):
-    FWD_LANES, BWD_LANES = (int(x) for x in os.environ["RWKV7_WKV_LANES"].split(","))
+    FWD_LANES, BWD_LANES = parse_lanes(os.environ["RWKV7_WKV_LANES"])
 
 _state: dict = {"loaded": False, "available": None, "reason": None, "path": None}
 

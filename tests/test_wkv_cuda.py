@@ -102,28 +102,86 @@ def test_matches_fp64_reference(B, T, H, with_state, zrange):
     assert all(e <= TOL for e in errors.values()), errors
 
 
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("lanes", wkv_cuda.LAYOUTS)
-def test_every_lane_variant(lanes):
-    """Each compiled thread layout, called through the raw ops (forward and backward use the same code)."""
+def run_layouts(fwd, bwd, T, seed):
+    """Forward with layout `fwd`, backward with layout `bwd`, through the raw ops, against the fp64 reference:
+    y, final state, all six gradients and ds0 (initial state in, final-state gradient in), a repeat that must be
+    bit-identical, and the inference path (no saving), which must give the same y and final state."""
     wkv_cuda.load()
-    B, T, H = 3, 64, 12
-    xs = make_inputs(B, T, H, "cuda", seed=lanes)
+    ext = torch.ops.rwkv7_wkv7_ext
+    B, H = 3, 12
+    xs = make_inputs(B, T, H, "cuda", seed=seed)
     s0 = torch.randn(B, H, 64, 64, device="cuda") * 0.3
     dy = (torch.randn(B, T, H, 64, device="cuda") * 0.5).bfloat16()
     dsT = torch.randn(B, H, 64, 64, device="cuda") * 0.1
     poison()
-    y, ckpt, sa = torch.ops.rwkv7_wkv7_ext.forward(*xs, s0, True, lanes)
+    y, ckpt, sa = ext.forward(*xs, s0, True, fwd)
     poison()
-    grads = torch.ops.rwkv7_wkv7_ext.backward(*xs, dy, ckpt, sa, dsT, lanes)
+    grads = ext.backward(*xs, dy, ckpt, sa, dsT, bwd)
     y_ref, sT_ref, grads_ref = run_reference(xs, s0, dy, dsT)
+    assert ckpt.shape == (B, H, T // 16, 64, 64) and sa.shape == (B, T, H, 64)
     assert rel(y, y_ref) <= TOL and rel(ckpt[:, :, -1], sT_ref) <= 1e-4
-    for g_, g_ref in zip(grads, grads_ref):
-        assert rel(g_, g_ref) <= TOL
+    for name, g_, g_ref in zip(["dr", "dw", "dk", "dv", "da", "db", "ds0"], grads, grads_ref):
+        assert rel(g_, g_ref) <= TOL, (name, rel(g_, g_ref))
+    poison()
+    y1, ckpt1, sa1 = ext.forward(*xs, s0, True, fwd)
+    grads1 = ext.backward(*xs, dy, ckpt1, sa1, dsT, bwd)
+    assert torch.equal(y1, y) and torch.equal(ckpt1, ckpt) and torch.equal(sa1, sa)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads))
     # inference mode keeps only the final state, and it is the same
-    y2, final, sa2 = torch.ops.rwkv7_wkv7_ext.forward(*xs, s0, False, lanes)
+    poison()
+    y2, final, sa2 = ext.forward(*xs, s0, False, fwd)
     assert torch.equal(y2, y) and torch.equal(final[:, :, 0], ckpt[:, :, -1]) and sa2.numel() == 0
+    return xs, s0, (y, ckpt, sa), grads
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [16, 80])
+@pytest.mark.parametrize("lanes", wkv_cuda.FWD_LAYOUTS)
+def test_every_forward_layout(lanes, T):
+    """Each compiled forward layout (backward: layout 2). Its checkpoints and sa, which the backward reads, must also
+    match layout 28's closely: same [B,H,T/16,64,64] and [B,T,H,64] layouts, every element written."""
+    xs, s0, (y, ckpt, sa), _ = run_layouts(lanes, 2, T, seed=lanes + T)
+    y28, ckpt28, sa28 = torch.ops.rwkv7_wkv7_ext.forward(*xs, s0, True, 28)
+    assert rel(ckpt, ckpt28) <= 1e-5 and rel(sa, sa28) <= 1e-5 and rel(y, y28) <= 1e-2
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [16, 80])
+@pytest.mark.parametrize("lanes", wkv_cuda.BWD_LAYOUTS)
+def test_every_backward_layout(lanes, T):
+    """Each compiled backward layout (forward: layout 28)."""
+    run_layouts(28, lanes, T, seed=lanes + T)
+
+
+@cuda
+@pytest.mark.gpu
+def test_split_layouts_repeat_layout_28_exactly():
+    """Forward 128, 228, 428 and backward 128 do layout 28's per-row arithmetic in the same order (only the staging,
+    and for the forward the number of blocks per head, differ), so their outputs are bit-identical to layout 28's."""
+    wkv_cuda.load()
+    ext = torch.ops.rwkv7_wkv7_ext
+    B, T, H = 3, 80, 12
+    xs = make_inputs(B, T, H, "cuda", seed=9)
+    s0 = torch.randn(B, H, 64, 64, device="cuda") * 0.3
+    dy = (torch.randn(B, T, H, 64, device="cuda") * 0.5).bfloat16()
+    dsT = torch.randn(B, H, 64, 64, device="cuda") * 0.1
+    y, ckpt, sa = ext.forward(*xs, s0, True, 28)
+    for lanes in (128, 228, 428):
+        out = ext.forward(*xs, s0, True, lanes)
+        assert all(torch.equal(a, b) for a, b in zip(out, (y, ckpt, sa))), lanes
+    grads = ext.backward(*xs, dy, ckpt, sa, dsT, 28)
+    assert all(torch.equal(a, b) for a, b in zip(ext.backward(*xs, dy, ckpt, sa, dsT, 128), grads))
+
+
+def test_lane_codes_parse_and_validate():
+    assert wkv_cuda.parse_lanes("211,112") == (211, 112)
+    assert wkv_cuda.parse_lanes(f"{wkv_cuda.FWD_LANES},{wkv_cuda.BWD_LANES}") == (wkv_cuda.FWD_LANES,
+                                                                                   wkv_cuda.BWD_LANES)
+    for bad in ("211", "211,211", "3,2", "x,2", "28,2,2"):
+        with pytest.raises(UserError, match="RWKV7_WKV_LANES"):
+            wkv_cuda.parse_lanes(bad)
 
 
 @cuda

@@ -4,7 +4,8 @@
 // (row i = value channel, column j = key channel) and decay_j = exp(-exp(-0.5) * sigmoid(w_j)) in fp32:
 //     sa_i = sum_j S_ij a_j ;  S_ij = S_ij decay_j + sa_i b_j + v_i k_j ;  y_i = sum_j S_ij r_j
 // Inputs r, w, k, v, a, b: bf16 [B,T,H,64] contiguous, T a multiple of 16. Optional initial state s0 and final-state
-// gradient dsT: fp32 [B,H,64,64]. One thread block per (b, h); every output element is written exactly once.
+// gradient dsT: fp32 [B,H,64,64]. One thread block per (b, h) (forward layouts >= 200: S blocks per (b, h), each
+// owning 64/S state rows); every output element is written exactly once.
 //
 // Forward: LC threads share one state row (each owns 64/LC columns), so both reductions (sa, y) are LC-lane shuffles
 // and a step needs no block barrier. Inputs arrive in 16-step chunks staged to shared memory (the next chunk is
@@ -19,10 +20,25 @@
 //
 // Column ownership: thread p of a row owns key channels j = 4p + 4*LC*q + e (q < 64/(4LC), e < 4), so a float4 load
 // by the LC lanes of a row reads one contiguous run of shared memory (no bank conflicts; rows broadcast).
+//
+// Layout codes (the `lanes` argument; every code honours this whole contract):
+//   2, 4, 8, 24, 28, 48 (forward and backward): R rows (first digit, 1 if absent) per group of LC lanes (last digit),
+//       inputs prefetched through registers.
+//   100*S + 10*R + LC, forward: wkv7_fwd_split_kernel, one (b, h) split over S blocks of 64/S rows (grid B*H*S),
+//       inputs staged by cp.async, A-way split dot products: 111, 128, 211, 222, 224, 228, 244, 412, 428.
+//       111 / 211: one row per thread, 64 / 32 threads per block (broadcast reads); 128 / 228 / 428: layout 28's
+//       per-row arithmetic (bit-identical results) over 1 / 2 / 4 blocks per head.
+//   1000 + each of those forward codes (1111, ..., 1428): the same with the decay folded into a per-column scale of the
+//       state within each chunk (four FP operations per state element and step instead of five; see FOLD below).
+//   100 + 10*R + LC, backward: wkv7_bwd2_kernel, the backward's arithmetic with cp.async staging of inputs and
+//       checkpoints and split dot products: 112, 114, 124, 128 (128 is bit-identical to layout 28).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <atomic>
+#include <climits>
 
 namespace {
 
@@ -93,6 +109,33 @@ __device__ __forceinline__ float dot_cols(const float* x, const float* vec, int 
 }
 
 __device__ __forceinline__ int col_of(int p, int q, int e, int LC) { return 4 * p + 4 * LC * q + e; }
+
+// 16-byte global -> shared copy that does not pass through registers (cp.async, sm_80+; a plain copy before that).
+__device__ __forceinline__ void copy16_async(void* dst_smem, const void* src_gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_gmem) : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst_smem) = *reinterpret_cast<const uint4*>(src_gmem);
+#endif
+}
+
+// Wait for this thread's outstanding copy16_async; a barrier must follow before other threads read the data.
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Pairwise sum of A partial sums (A a power of two), a fixed order: bit-reproducible.
+template <int A>
+__device__ __forceinline__ float tree_sum(float* acc) {
+#pragma unroll
+    for (int w = A / 2; w >= 1; w /= 2)
+#pragma unroll
+        for (int m = 0; m < w; ++m) acc[m] += acc[m + w];
+    return acc[0];
+}
 
 // ------------------------------------------------------------------------------------------------ forward
 
@@ -241,6 +284,242 @@ wkv7_fwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
         }
         if (c + 1 < NC) commit();
         __syncthreads();
+    }
+}
+
+// Forward, layouts >= 100 (code 100*S + 10*R + LC): one (b, h) is split over S blocks of 64/S state rows each (the rows
+// are independent: sa_i and y_i need only row i), so B*H*S blocks balance the SMs better than B*H. Each block stages
+// all 64 key channels of r, decay, k, a, b but only its own rows of v, with cp.async into a bf16 buffer (no prefetch
+// registers), converted to fp32 once per chunk. LC == 1 is one row per thread with broadcast shared-memory reads.
+// Dot products use A interleaved partial sums per row (short dependency chains), summed pairwise in a fixed order.
+// Outputs: y and sa of the block's rows and the block's rows of every checkpoint, in the same layouts as above.
+//
+// FOLD (codes + 1000): within a chunk the state is kept as St_ij = S_ij / D_j, D_j = product of decay_j over the chunk's
+// steps so far (D >= 0.545^16 > 6e-5: no overflow, and a per-column scale leaves fp32's relative rounding as it is).
+// Then sa_i = sum_j St_ij (D_j a_j), St_ij += v_i (k_j / D_j) + sa_i (b_j / D_j), y_i = sum_j St_ij (D_j r_j): four
+// operations per state element and step instead of five, four staged vectors instead of five; the per-column factors
+// are made once per chunk, and S = St D is restored at the chunk's end (checkpoints hold the true state).
+template <int R, int LC, int S>
+struct FwdSplitCfg {
+    static constexpr int RB = N / S;                 // rows of one block
+    static constexpr int NT = RB / R * LC;           // threads per block
+    static constexpr int CPT = N / LC, NQ = CPT / 4;  // columns per thread
+    static constexpr int A0 = 8 / R < CPT / 4 ? 8 / R : CPT / 4;
+    static constexpr int A = A0 < 2 ? 2 : A0;         // partial sums per row in a dot product
+    static constexpr int NKP = 5 * CH * N / 8;       // 16-byte pieces of r, w, k, a, b per chunk
+    static constexpr int NVP = CH * RB / 8;          // 16-byte pieces of this block's v rows per chunk
+    static constexpr int MINB = S == 1 ? 2 : S == 2 ? 3 : 6;  // blocks per SM that keep the whole grid resident
+};
+
+template <int R, int LC, int S, bool FOLD>
+__global__ void __launch_bounds__(FwdSplitCfg<R, LC, S>::NT, FwdSplitCfg<R, LC, S>::MINB)
+wkv7_fwd_split_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restrict__ w_,
+                      const bf16* __restrict__ k_, const bf16* __restrict__ v_, const bf16* __restrict__ a_,
+                      const bf16* __restrict__ b_, const float* __restrict__ s0_, bf16* __restrict__ y_,
+                      float* __restrict__ ckpt_, float* __restrict__ sa_, int save_all) {
+    using C = FwdSplitCfg<R, LC, S>;
+    constexpr int RB = C::RB, NT = C::NT, CPT = C::CPT, NQ = C::NQ, A = C::A, NKP = C::NKP, NVP = C::NVP;
+    static_assert(NT % 32 == 0 && RB % 8 == 0 && RB % R == 0 && CPT % 4 == 0 && CPT % A == 0, "bad layout");
+    enum { FR = 0, FD, FK, FA, FB, NF };  // staged key-channel tensors (fp32); raw order r, w, k, a, b
+    __shared__ __align__(16) float sh_in[NF][CH][N];
+    __shared__ __align__(16) float sh_v[CH][RB];
+    __shared__ __align__(16) bf16 sh_raw[NF][CH][N];
+    __shared__ __align__(16) bf16 sh_rawv[CH][RB];
+    __shared__ __align__(16) float sh_sa[CH][RB];
+    __shared__ __align__(16) bf16 sh_y[CH][RB];
+    __shared__ __align__(16) float sh_dend[N];  // FOLD: D_j after the chunk's last step
+
+    const int tid = threadIdx.x, i0 = (tid / LC) * R, p = tid % LC;  // rows i0.. of this block's RB rows
+    const int bh = blockIdx.x / S, row0 = (blockIdx.x % S) * RB, bb = bh / H, hh = bh % H;
+    const int NC = T / CH;
+    auto gofs = [&](int c, int tt) { return ((size_t)(bb * T + c * CH + tt) * H + hh) * N; };
+
+    float S_[R][CPT];
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+        if (s0_ != nullptr) {
+            const float* s0 = s0_ + (size_t)bh * N * N + (row0 + i0 + rr) * N;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 x = *reinterpret_cast<const float4*>(s0 + col_of(p, q, 0, LC));
+                S_[rr][4 * q] = x.x; S_[rr][4 * q + 1] = x.y; S_[rr][4 * q + 2] = x.z; S_[rr][4 * q + 3] = x.w;
+            }
+        } else {
+#pragma unroll
+            for (int m = 0; m < CPT; ++m) S_[rr][m] = 0.0f;
+        }
+    }
+
+    auto issue = [&](int c) {  // chunk c -> sh_raw / sh_rawv (asynchronous)
+        for (int x = tid; x < NKP + NVP; x += NT) {
+            if (x < NKP) {
+                const int src = x / (CH * N / 8), tt = (x / 8) % CH, c8 = (x % 8) * 8;
+                const bf16* g = src == 0 ? r_ : src == 1 ? w_ : src == 2 ? k_ : src == 3 ? a_ : b_;
+                copy16_async(&sh_raw[src][tt][c8], g + gofs(c, tt) + c8);
+            } else {
+                const int y = x - NKP, tt = y / (RB / 8), c8 = (y % (RB / 8)) * 8;
+                copy16_async(&sh_rawv[tt][c8], v_ + gofs(c, tt) + row0 + c8);
+            }
+        }
+    };
+    auto convert_fold = [&]() {  // FOLD: sh_raw -> sh_in as D a, k / D, b / D, D r (slot FD unused), D_end
+        for (int u = tid; u < N / 2; u += NT) {  // two key channels per unit, all steps in order
+            const int j = 2 * u;
+            float D0 = 1.0f, D1 = 1.0f;
+#pragma unroll 4
+            for (int tt = 0; tt < CH; ++tt) {
+                auto ld2 = [&](int src) {
+                    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&sh_raw[src][tt][j]));
+                };
+                const float2 wv = ld2(1), rv = ld2(0), kv = ld2(2), av = ld2(3), bv = ld2(4);
+                *reinterpret_cast<float2*>(&sh_in[FA][tt][j]) = make_float2(D0 * av.x, D1 * av.y);
+                D0 *= __expf(-DECAY_SCALE * sigmoidf_(wv.x));
+                D1 *= __expf(-DECAY_SCALE * sigmoidf_(wv.y));
+                const float inv0 = 1.0f / D0, inv1 = 1.0f / D1;
+                *reinterpret_cast<float2*>(&sh_in[FR][tt][j]) = make_float2(D0 * rv.x, D1 * rv.y);
+                *reinterpret_cast<float2*>(&sh_in[FK][tt][j]) = make_float2(kv.x * inv0, kv.y * inv1);
+                *reinterpret_cast<float2*>(&sh_in[FB][tt][j]) = make_float2(bv.x * inv0, bv.y * inv1);
+            }
+            *reinterpret_cast<float2*>(&sh_dend[j]) = make_float2(D0, D1);
+        }
+        for (int y = tid; y < NVP; y += NT) {
+            const int tt = y / (RB / 8), c8 = (y % (RB / 8)) * 8;
+            float f[8];
+            bf8_to_f32(*reinterpret_cast<const uint4*>(&sh_rawv[tt][c8]), f);
+            reinterpret_cast<float4*>(&sh_v[tt][c8])[0] = make_float4(f[0], f[1], f[2], f[3]);
+            reinterpret_cast<float4*>(&sh_v[tt][c8])[1] = make_float4(f[4], f[5], f[6], f[7]);
+        }
+    };
+    auto convert = [&]() {  // sh_raw -> sh_in (decay computed here), sh_rawv -> sh_v
+        if constexpr (FOLD) {
+            convert_fold();
+        } else {
+            for (int x = tid; x < NKP + NVP; x += NT) {
+                float f[8];
+                float* dst;
+                if (x < NKP) {
+                    const int src = x / (CH * N / 8), tt = (x / 8) % CH, c8 = (x % 8) * 8;
+                    bf8_to_f32(*reinterpret_cast<const uint4*>(&sh_raw[src][tt][c8]), f);
+                    if (src == FD) {
+#pragma unroll
+                        for (int m = 0; m < 8; ++m) f[m] = __expf(-DECAY_SCALE * sigmoidf_(f[m]));
+                    }
+                    dst = &sh_in[src][tt][c8];
+                } else {
+                    const int y = x - NKP, tt = y / (RB / 8), c8 = (y % (RB / 8)) * 8;
+                    bf8_to_f32(*reinterpret_cast<const uint4*>(&sh_rawv[tt][c8]), f);
+                    dst = &sh_v[tt][c8];
+                }
+                reinterpret_cast<float4*>(dst)[0] = make_float4(f[0], f[1], f[2], f[3]);
+                reinterpret_cast<float4*>(dst)[1] = make_float4(f[4], f[5], f[6], f[7]);
+            }
+        }
+    };
+    auto rows_dot = [&](const float* vec, float* out) {
+        float acc[R][A];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+            for (int m = 0; m < A; ++m) acc[rr][m] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+            const float4 x4 = *reinterpret_cast<const float4*>(vec + col_of(p, q, 0, LC));
+            const float x[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float& s = acc[rr][(4 * q + e) % A];
+                    s = fmaf(S_[rr][4 * q + e], x[e], s);
+                }
+        }
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) out[rr] = row_allreduce<LC>(tree_sum<A>(acc[rr]));
+    };
+
+    issue(0);
+    copy_async_wait_all();
+    __syncthreads();
+    convert();
+    __syncthreads();
+
+    for (int c = 0; c < NC; ++c) {
+        if (c + 1 < NC) issue(c + 1);  // sh_raw is free: the last convert() is behind a barrier
+#pragma unroll 2
+        for (int tt = 0; tt < CH; ++tt) {
+            float sa[R], y[R], vv[R];
+            rows_dot(sh_in[FA][tt], sa);
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) vv[rr] = sh_v[tt][i0 + rr];
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const int j = col_of(p, q, 0, LC);
+                const float4 bv = *reinterpret_cast<const float4*>(&sh_in[FB][tt][j]);
+                const float4 kv = *reinterpret_cast<const float4*>(&sh_in[FK][tt][j]);
+                if constexpr (FOLD) {
+#pragma unroll
+                    for (int rr = 0; rr < R; ++rr) {
+                        float* st = &S_[rr][4 * q];
+                        st[0] = fmaf(sa[rr], bv.x, fmaf(vv[rr], kv.x, st[0]));
+                        st[1] = fmaf(sa[rr], bv.y, fmaf(vv[rr], kv.y, st[1]));
+                        st[2] = fmaf(sa[rr], bv.z, fmaf(vv[rr], kv.z, st[2]));
+                        st[3] = fmaf(sa[rr], bv.w, fmaf(vv[rr], kv.w, st[3]));
+                    }
+                    continue;
+                }
+                const float4 d = *reinterpret_cast<const float4*>(&sh_in[FD][tt][j]);
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    S_[rr][4 * q + 0] = fmaf(S_[rr][4 * q + 0], d.x, fmaf(sa[rr], bv.x, vv[rr] * kv.x));
+                    S_[rr][4 * q + 1] = fmaf(S_[rr][4 * q + 1], d.y, fmaf(sa[rr], bv.y, vv[rr] * kv.y));
+                    S_[rr][4 * q + 2] = fmaf(S_[rr][4 * q + 2], d.z, fmaf(sa[rr], bv.z, vv[rr] * kv.z));
+                    S_[rr][4 * q + 3] = fmaf(S_[rr][4 * q + 3], d.w, fmaf(sa[rr], bv.w, vv[rr] * kv.w));
+                }
+            }
+            rows_dot(sh_in[FR][tt], y);
+            if (p == 0) {
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    sh_y[tt][i0 + rr] = __float2bfloat16_rn(y[rr]);
+                    sh_sa[tt][i0 + rr] = sa[rr];
+                }
+            }
+        }
+        if constexpr (FOLD) {  // back to the true state: S = St D_end
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 dn = *reinterpret_cast<const float4*>(&sh_dend[col_of(p, q, 0, LC)]);
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    float* st = &S_[rr][4 * q];
+                    st[0] *= dn.x; st[1] *= dn.y; st[2] *= dn.z; st[3] *= dn.w;
+                }
+            }
+        }
+        if (save_all || c == NC - 1) {  // this block's rows of the checkpoint
+            float* dst = ckpt_ + ((size_t)bh * (save_all ? NC : 1) + (save_all ? c : 0)) * N * N;
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                for (int q = 0; q < NQ; ++q)
+                    *reinterpret_cast<float4*>(dst + (row0 + i0 + rr) * N + col_of(p, q, 0, LC)) =
+                        make_float4(S_[rr][4 * q], S_[rr][4 * q + 1], S_[rr][4 * q + 2], S_[rr][4 * q + 3]);
+        }
+        copy_async_wait_all();  // chunk c+1 has long arrived (issued 16 steps ago)
+        __syncthreads();        // sh_y / sh_sa complete, sh_in no longer read, sh_raw visible to all
+        for (int x = tid; x < CH * RB / 8; x += NT) {
+            const int tt = x / (RB / 8), c8 = (x % (RB / 8)) * 8;
+            *reinterpret_cast<uint4*>(y_ + gofs(c, tt) + row0 + c8) = *reinterpret_cast<const uint4*>(&sh_y[tt][c8]);
+        }
+        if (save_all) {
+            for (int x = tid; x < CH * RB / 4; x += NT) {
+                const int tt = x / (RB / 4), c4 = (x % (RB / 4)) * 4;
+                *reinterpret_cast<float4*>(sa_ + gofs(c, tt) + row0 + c4) =
+                    *reinterpret_cast<const float4*>(&sh_sa[tt][c4]);
+            }
+        }
+        if (c + 1 < NC) convert();
+        __syncthreads();  // sh_in ready; sh_y / sh_sa read out
     }
 }
 
@@ -481,6 +760,264 @@ wkv7_bwd_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restric
     }
 }
 
+// Backward, layouts >= 100 (code 100 + 10*R + LC): the same thread layout and arithmetic as wkv7_bwd_kernel, but the
+// next chunk's inputs (bf16, and sa) and its checkpoint are fetched with cp.async into shared memory instead of
+// prefetch registers (the R=1, LC=2 kernel above holds 68 of its 253 registers that way), and the long dot products
+// use BA interleaved partial sums (chains of 64/LC/BA FMAs instead of 64/LC).
+constexpr int CKS = N + 4;  // checkpoint row stride in shared memory: 16-byte rows, column reads free of conflicts
+
+struct Bwd2Smem {
+    float in[NIN][CH][N];
+    float dsa[2][N];
+    bf16 out[NOUT][CH][N];
+    bf16 raw[7][CH][N];  // r, w, k, v, a, b, dy of the next chunk
+    float rawsa[CH][N];  // sa of the next chunk
+    float ck[N][CKS];    // checkpoint (state after the chunk's last step), row j = value channel
+};
+
+template <int R, int LC>
+__global__ void __launch_bounds__(64 / R * LC, (64 / R * LC <= 256 ? 2 : 1))
+wkv7_bwd2_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restrict__ w_, const bf16* __restrict__ k_,
+                 const bf16* __restrict__ v_, const bf16* __restrict__ a_, const bf16* __restrict__ b_,
+                 const bf16* __restrict__ dy_, const float* __restrict__ ckpt_, const float* __restrict__ sa_,
+                 const float* __restrict__ dsT_, bf16* __restrict__ dr_, bf16* __restrict__ dw_,
+                 bf16* __restrict__ dk_, bf16* __restrict__ dv_, bf16* __restrict__ da_, bf16* __restrict__ db_,
+                 float* __restrict__ ds0_) {
+    constexpr int NT = 64 / R * LC, CPT = N / LC, NQ = CPT / 4;
+    constexpr int BA = CPT >= 16 ? 2 : 1;  // partial sums per dot product
+    constexpr int NBP = 7 * CH * N / 8, NSP = CH * N / 4;  // 16-byte pieces per chunk: bf16 inputs, sa
+    static_assert(NT % 32 == 0 && 4 % BA == 0, "bad layout");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    Bwd2Smem& sm = *reinterpret_cast<Bwd2Smem*>(smem_raw);
+
+    const int tid = threadIdx.x, i0 = (tid / LC) * R, p = tid % LC;
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H;
+    const int NC = T / CH;
+    const float* ckpt = ckpt_ + (size_t)bh * NC * N * N;
+    auto gofs = [&](int c, int tt) { return ((size_t)(bb * T + c * CH + tt) * H + hh) * N; };
+
+    float ST[R][CPT], dS[R][CPT], dST[R][CPT];
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+        const int i = i0 + rr;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = col_of(p, q, e, LC);
+                dS[rr][4 * q + e] = dsT_ != nullptr ? dsT_[(size_t)bh * N * N + i * N + j] : 0.0f;
+                dST[rr][4 * q + e] = dsT_ != nullptr ? dsT_[(size_t)bh * N * N + j * N + i] : 0.0f;
+            }
+    }
+
+    auto issue_inputs = [&](int c) {
+        for (int x = tid; x < NBP + NSP; x += NT) {
+            if (x < NBP) {
+                const int src = x / (CH * N / 8), tt = (x / 8) % CH, c8 = (x % 8) * 8;
+                const bf16* g = src == 0 ? r_ : src == 1 ? w_ : src == 2 ? k_ : src == 3 ? v_ : src == 4 ? a_
+                              : src == 5 ? b_ : dy_;
+                copy16_async(&sm.raw[src][tt][c8], g + gofs(c, tt) + c8);
+            } else {
+                const int y = x - NBP, tt = y / (N / 4), c4 = (y % (N / 4)) * 4;
+                copy16_async(&sm.rawsa[tt][c4], sa_ + gofs(c, tt) + c4);
+            }
+        }
+    };
+    auto issue_ckpt = [&](int c) {
+        for (int x = tid; x < N * N / 4; x += NT) {
+            const int j = x / (N / 4), c4 = (x % (N / 4)) * 4;
+            copy16_async(&sm.ck[j][c4], ckpt + (size_t)c * N * N + j * N + c4);
+        }
+    };
+    auto convert = [&]() {  // raw -> in: slots 0..6 = r, decay, k, v, a, b, dy; the dw factor; sa
+        for (int x = tid; x < NBP + NSP; x += NT) {
+            if (x < NBP) {
+                const int src = x / (CH * N / 8), tt = (x / 8) % CH, c8 = (x % 8) * 8;
+                float f[8];
+                bf8_to_f32(*reinterpret_cast<const uint4*>(&sm.raw[src][tt][c8]), f);
+                if (src == ID) {
+                    float wf[8];
+#pragma unroll
+                    for (int m = 0; m < 8; ++m) {
+                        const float s = sigmoidf_(f[m]);
+                        f[m] = __expf(-DECAY_SCALE * s);
+                        wf[m] = -DECAY_SCALE * f[m] * s * (1.0f - s);  // d decay / d w
+                    }
+                    float4* dw = reinterpret_cast<float4*>(&sm.in[IWF][tt][c8]);
+                    dw[0] = make_float4(wf[0], wf[1], wf[2], wf[3]);
+                    dw[1] = make_float4(wf[4], wf[5], wf[6], wf[7]);
+                }
+                float4* dst = reinterpret_cast<float4*>(&sm.in[src][tt][c8]);
+                dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+                dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+            } else {
+                const int y = x - NBP, tt = y / (N / 4), c4 = (y % (N / 4)) * 4;
+                *reinterpret_cast<float4*>(&sm.in[ISA][tt][c4]) = *reinterpret_cast<const float4*>(&sm.rawsa[tt][c4]);
+            }
+        }
+    };
+    auto put = [&](int slot, int tt, int i, float val) { sm.out[slot][tt][i] = __float2bfloat16_rn(val); };
+    auto ld4 = [&](const float* vec, int q) { return *reinterpret_cast<const float4*>(vec + col_of(p, q, 0, LC)); };
+    constexpr bool WRITER_ALL = (LC == 2);
+
+    issue_inputs(NC - 1);
+    issue_ckpt(NC - 1);
+    copy_async_wait_all();
+    __syncthreads();
+    convert();
+    __syncthreads();
+
+    for (int c = NC - 1; c >= 0; --c) {
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+            for (int q = 0; q < NQ; ++q)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) ST[rr][4 * q + e] = sm.ck[col_of(p, q, e, LC)][i0 + rr];
+        if (c > 0) issue_inputs(c - 1);  // raw is free: the last convert() is behind a barrier
+
+#pragma unroll 1
+        for (int tt = CH - 1; tt >= 0; --tt) {
+            float r_i[R], d_i[R], k_i[R], a_i[R], b_i[R], dy_i[R];
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) {
+                r_i[rr] = sm.in[IR][tt][i0 + rr]; d_i[rr] = sm.in[ID][tt][i0 + rr];
+                k_i[rr] = sm.in[IK][tt][i0 + rr]; a_i[rr] = sm.in[IA][tt][i0 + rr];
+                b_i[rr] = sm.in[IB][tt][i0 + rr]; dy_i[rr] = sm.in[IDY][tt][i0 + rr];
+            }
+            float dr[R][BA], qA[R][4][BA], dd[R][BA], da[R][BA];
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                for (int u = 0; u < BA; ++u) {
+                    dr[rr][u] = dd[rr][u] = da[rr][u] = 0.f;
+                    qA[rr][0][u] = qA[rr][1][u] = qA[rr][2][u] = qA[rr][3][u] = 0.f;
+                }
+            // dr uses S_t; then dS_t += dy r^T (row copy and column copy); then the group-A dot products
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 dyv = ld4(sm.in[IDY][tt], q), rv = ld4(sm.in[IR][tt], q);
+                const float4 bv = ld4(sm.in[IB][tt], q), kv = ld4(sm.in[IK][tt], q);
+                const float4 vv = ld4(sm.in[IV][tt], q), sv = ld4(sm.in[ISA][tt], q);
+                const float dyx[4] = {dyv.x, dyv.y, dyv.z, dyv.w}, rx[4] = {rv.x, rv.y, rv.z, rv.w};
+                const float bx[4] = {bv.x, bv.y, bv.z, bv.w}, kx[4] = {kv.x, kv.y, kv.z, kv.w};
+                const float vx[4] = {vv.x, vv.y, vv.z, vv.w}, sx[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = 4 * q + e, u = e % BA;
+                        dr[rr][u] = fmaf(ST[rr][m], dyx[e], dr[rr][u]);
+                        dS[rr][m] = fmaf(dy_i[rr], rx[e], dS[rr][m]);
+                        dST[rr][m] = fmaf(dyx[e], r_i[rr], dST[rr][m]);
+                        qA[rr][0][u] = fmaf(dS[rr][m], bx[e], qA[rr][0][u]);    // dsa
+                        qA[rr][1][u] = fmaf(dS[rr][m], kx[e], qA[rr][1][u]);    // dv
+                        qA[rr][2][u] = fmaf(dST[rr][m], vx[e], qA[rr][2][u]);   // dk
+                        qA[rr][3][u] = fmaf(dST[rr][m], sx[e], qA[rr][3][u]);   // db
+                    }
+            }
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) {
+                float o0, o1;
+                reduce4<LC>(tree_sum<BA>(qA[rr][0]), tree_sum<BA>(qA[rr][1]), tree_sum<BA>(qA[rr][2]),
+                            tree_sum<BA>(qA[rr][3]), p, o0, o1);
+                const int qa = reduce4_qidx<LC>(p), i = i0 + rr;
+                if (WRITER_ALL || (p >> 2) == 0) {
+                    // quantity index -> destination: 0 dsa (shared), 1 dv, 2 dk, 3 db
+                    if (qa == 0) sm.dsa[tt & 1][i] = o0;
+                    else if (qa == 1) put(OV, tt, i, o0);
+                    else if (qa == 2) put(OK, tt, i, o0);
+                    else put(OB, tt, i, o0);
+                    if (WRITER_ALL) put(qa == 0 ? OV : OB, tt, i, o1);
+                }
+            }
+            // S_{t-1} column i = (S_t - v k_i - sa b_i) / decay_i, then dd = <G column i, S_{t-1} column i>
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 vv = ld4(sm.in[IV][tt], q), sv = ld4(sm.in[ISA][tt], q);
+                const float vx[4] = {vv.x, vv.y, vv.z, vv.w}, sx[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr) {
+                    const float inv = 1.0f / d_i[rr], kin = k_i[rr] * inv, bin = b_i[rr] * inv;
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = 4 * q + e, u = e % BA;
+                        ST[rr][m] = fmaf(-sx[e], bin, fmaf(-vx[e], kin, ST[rr][m] * inv));
+                        dd[rr][u] = fmaf(dST[rr][m], ST[rr][m], dd[rr][u]);
+                    }
+                }
+            }
+            __syncthreads();  // dsa of every row is visible
+            if (tt == CH - 1 && c > 0) issue_ckpt(c - 1);  // every thread has read sm.ck (before the barrier)
+            float dsa_i[R];
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) dsa_i[rr] = sm.dsa[tt & 1][i0 + rr];
+            // da, and dS_{t-1} = G diag(decay) + dsa a^T (rows i and columns i)
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 ds = ld4(sm.dsa[tt & 1], q), dv4 = ld4(sm.in[ID][tt], q), av = ld4(sm.in[IA][tt], q);
+                const float dsx[4] = {ds.x, ds.y, ds.z, ds.w}, dx[4] = {dv4.x, dv4.y, dv4.z, dv4.w};
+                const float ax[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+                for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = 4 * q + e;
+                        da[rr][e % BA] = fmaf(ST[rr][m], dsx[e], da[rr][e % BA]);
+                        dS[rr][m] = fmaf(dS[rr][m], dx[e], dsa_i[rr] * ax[e]);
+                        dST[rr][m] = fmaf(dST[rr][m], d_i[rr], dsx[e] * a_i[rr]);
+                    }
+            }
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr) {
+                float o0, o1;
+                reduce4<LC>(tree_sum<BA>(dr[rr]), tree_sum<BA>(dd[rr]), tree_sum<BA>(da[rr]), 0.0f, p, o0, o1);
+                const int qb = reduce4_qidx<LC>(p), i = i0 + rr;
+                const float wf_i = sm.in[IWF][tt][i];
+                if (WRITER_ALL || (p >> 2) == 0) {
+                    // quantity index -> destination: 0 dr, 1 dw, 2 da, 3 unused
+                    if (qb == 0) put(OR_, tt, i, o0);
+                    else if (qb == 1) put(OW, tt, i, o0 * wf_i);
+                    else if (qb == 2) put(OA, tt, i, o0);
+                    if (WRITER_ALL && qb == 0) put(OW, tt, i, o1 * wf_i);
+                }
+            }
+        }
+        copy_async_wait_all();  // chunk c-1 (inputs and checkpoint) has long arrived
+        __syncthreads();        // out buffer complete; sm.in no longer read; raw / ck visible to all
+        for (int x = tid; x < NOUT * 128; x += NT) {
+            const int o = x / 128, vv = x % 128, tt = vv / 8, c8 = (vv % 8) * 8;
+            bf16* dst = o == OR_ ? dr_ : o == OW ? dw_ : o == OK ? dk_ : o == OV ? dv_ : o == OA ? da_ : db_;
+            *reinterpret_cast<uint4*>(dst + gofs(c, tt) + c8) = *reinterpret_cast<const uint4*>(&sm.out[o][tt][c8]);
+        }
+        if (c > 0) convert();
+        __syncthreads();
+    }
+    // gradient of the initial state: dS after step 0, rows i0..i0+R-1
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+        float* ds0 = ds0_ + (size_t)bh * N * N + (i0 + rr) * N;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q)
+            *reinterpret_cast<float4*>(ds0 + col_of(p, q, 0, LC)) =
+                make_float4(dS[rr][4 * q], dS[rr][4 * q + 1], dS[rr][4 * q + 2], dS[rr][4 * q + 3]);
+    }
+}
+
+// Run `setup` (kernel attributes) once per device and kernel: not on every launch, so nothing but the launch itself
+// happens while a CUDA graph is being captured after the first call. Devices beyond 64 fall back to every launch.
+template <typename F>
+cudaError_t once_per_device(std::atomic<unsigned long long>& done, F&& setup) {
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    const unsigned long long bit = (dev >= 0 && dev < 64) ? (1ull << dev) : 0ull;
+    if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+    err = setup();
+    if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_acq_rel);
+    return err;
+}
+
 template <int R, int LC>
 cudaError_t launch_fwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
                        const void* a, const void* b, const float* s0, void* y, float* ckpt, float* sa, bool save_all,
@@ -497,10 +1034,52 @@ cudaError_t launch_bwd(int B, int T, int H, const void* r, const void* w, const 
                        const float* dsT, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
                        cudaStream_t stream) {
     const int smem = (int)sizeof(BwdSmem);
-    // above 48 KB a kernel must opt in; cheap enough to repeat per launch (per device, too)
-    cudaError_t err = cudaFuncSetAttribute(wkv7_bwd_kernel<R, LC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    static std::atomic<unsigned long long> ready{0};
+    cudaError_t err = once_per_device(ready, [&] {  // above 48 KB a kernel must opt in
+        return cudaFuncSetAttribute(wkv7_bwd_kernel<R, LC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    });
     if (err != cudaSuccess) return err;
     wkv7_bwd_kernel<R, LC><<<B * H, 64 / R * LC, smem, stream>>>(
+        T, H, (const bf16*)r, (const bf16*)w, (const bf16*)k, (const bf16*)v, (const bf16*)a, (const bf16*)b,
+        (const bf16*)dy, ckpt, sa, dsT, (bf16*)dr, (bf16*)dw, (bf16*)dk, (bf16*)dv, (bf16*)da, (bf16*)db, ds0);
+    return cudaGetLastError();
+}
+
+template <int R, int LC, int S, bool FOLD>
+cudaError_t launch_fwd_split(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
+                             const void* a, const void* b, const float* s0, void* y, float* ckpt, float* sa,
+                             bool save_all, cudaStream_t stream) {
+    const long long grid = (long long)B * H * S;
+    if (grid > INT_MAX) return cudaErrorInvalidValue;
+    static std::atomic<unsigned long long> ready{0};
+    cudaError_t err = once_per_device(ready, [&] {  // S > 1 wants several blocks per SM: prefer shared memory to L1
+        return cudaFuncSetAttribute(wkv7_fwd_split_kernel<R, LC, S, FOLD>,
+                                    cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    (int)cudaSharedmemCarveoutMaxShared);
+    });
+    if (err != cudaSuccess) return err;
+    wkv7_fwd_split_kernel<R, LC, S, FOLD><<<(int)grid, FwdSplitCfg<R, LC, S>::NT, 0, stream>>>(
+        T, H, (const bf16*)r, (const bf16*)w, (const bf16*)k, (const bf16*)v, (const bf16*)a, (const bf16*)b, s0,
+        (bf16*)y, ckpt, sa, save_all ? 1 : 0);
+    return cudaGetLastError();
+}
+
+template <int R, int LC>
+cudaError_t launch_bwd2(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
+                        const void* a, const void* b, const void* dy, const float* ckpt, const float* sa,
+                        const float* dsT, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
+                        cudaStream_t stream) {
+    const int smem = (int)sizeof(Bwd2Smem);
+    static std::atomic<unsigned long long> ready{0};
+    cudaError_t err = once_per_device(ready, [&] {
+        cudaError_t e =
+            cudaFuncSetAttribute(wkv7_bwd2_kernel<R, LC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        return cudaFuncSetAttribute(wkv7_bwd2_kernel<R, LC>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    (int)cudaSharedmemCarveoutMaxShared);
+    });
+    if (err != cudaSuccess) return err;
+    wkv7_bwd2_kernel<R, LC><<<B * H, 64 / R * LC, smem, stream>>>(
         T, H, (const bf16*)r, (const bf16*)w, (const bf16*)k, (const bf16*)v, (const bf16*)a, (const bf16*)b,
         (const bf16*)dy, ckpt, sa, dsT, (bf16*)dr, (bf16*)dw, (bf16*)dk, (bf16*)dv, (bf16*)da, (bf16*)db, ds0);
     return cudaGetLastError();
@@ -509,7 +1088,8 @@ cudaError_t launch_bwd(int B, int T, int H, const void* r, const void* w, const 
 }  // namespace
 
 // Entry points for the binding (wkv7_op.cpp). Forward layout code: 2, 4, 8 = LC threads per single row; 24, 28, 48 =
-// R rows (first digit) per group of LC threads (second digit). Backward: the same codes.
+// R rows (first digit) per group of LC threads (second digit); 100*S + 10*R + LC = the row-split kernel. Backward: the
+// same codes below 100; 100 + 10*R + LC = the cp.async-staged kernel. Unknown codes: cudaErrorInvalidValue.
 cudaError_t wkv7_forward_cuda(int lanes, int B, int T, int H, const void* r, const void* w, const void* k,
                               const void* v, const void* a, const void* b, const float* s0, void* y, float* ckpt,
                               float* sa, bool save_all, cudaStream_t stream) {
@@ -520,6 +1100,16 @@ cudaError_t wkv7_forward_cuda(int lanes, int B, int T, int H, const void* r, con
         case 24: return launch_fwd<2, 4>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
         case 28: return launch_fwd<2, 8>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
         case 48: return launch_fwd<4, 8>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, stream);
+#define WKV7_FWD_SPLIT_CASE(code, R, LC, S)                                                                      \
+        case code: return launch_fwd_split<R, LC, S, false>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa, save_all, \
+                                                            stream);                                              \
+        case 1000 + code: return launch_fwd_split<R, LC, S, true>(B, T, H, r, w, k, v, a, b, s0, y, ckpt, sa,     \
+                                                                  save_all, stream);
+        WKV7_FWD_SPLIT_CASE(111, 1, 1, 1) WKV7_FWD_SPLIT_CASE(128, 2, 8, 1)
+        WKV7_FWD_SPLIT_CASE(211, 1, 1, 2) WKV7_FWD_SPLIT_CASE(222, 2, 2, 2) WKV7_FWD_SPLIT_CASE(224, 2, 4, 2)
+        WKV7_FWD_SPLIT_CASE(228, 2, 8, 2) WKV7_FWD_SPLIT_CASE(244, 4, 4, 2)
+        WKV7_FWD_SPLIT_CASE(412, 1, 2, 4) WKV7_FWD_SPLIT_CASE(428, 2, 8, 4)
+#undef WKV7_FWD_SPLIT_CASE
         default: return cudaErrorInvalidValue;
     }
 }
@@ -534,6 +1124,12 @@ cudaError_t wkv7_backward_cuda(int lanes, int B, int T, int H, const void* r, co
         WKV7_BWD_CASE(2, 1, 2) WKV7_BWD_CASE(4, 1, 4) WKV7_BWD_CASE(8, 1, 8)
         WKV7_BWD_CASE(24, 2, 4) WKV7_BWD_CASE(28, 2, 8) WKV7_BWD_CASE(48, 4, 8)
 #undef WKV7_BWD_CASE
+#define WKV7_BWD2_CASE(code, R, LC) \
+        case code:                                                                                                \
+            return launch_bwd2<R, LC>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, dr, dw, dk, dv, da, db, ds0,  \
+                                      stream);
+        WKV7_BWD2_CASE(112, 1, 2) WKV7_BWD2_CASE(114, 1, 4) WKV7_BWD2_CASE(124, 2, 4) WKV7_BWD2_CASE(128, 2, 8)
+#undef WKV7_BWD2_CASE
         default: return cudaErrorInvalidValue;
     }
 }
