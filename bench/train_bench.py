@@ -39,6 +39,7 @@ def run(name: str, recipe: str, data: str, steps: int, out_root: Path, extra: li
     res = {"name": name, "steps": len(rows), "tokens_per_s": round(tok_s), "wall_s": round(wall, 1),
            "mfu": statistics.median(r.get("mfu", 0) for r in warm),
            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows),
+           "peak_reserved_gib": max(r.get("peak_reserved_gib", 0) for r in rows),
            "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
     if tokens_per_step:
         res["ms_per_step"] = round(1000 * tokens_per_step / tok_s, 1)
@@ -58,6 +59,7 @@ def main() -> int:
     plan = [("0.1b-ds-cp1", "0.1b-short", n, []),
             ("0.1b-ds-cp0", "0.1b-short", n, ["train.grad_cp=0"]),
             ("0.1b-single-cp1", "0.1b-short", n, ["train.strategy=single"]),
+            ("0.1b-single-cp1-eager", "0.1b-short", n, ["train.strategy=single", "train.cuda_graph=0"]),
             ("0.1b-single-cp0", "0.1b-short", n, ["train.strategy=single", "train.grad_cp=0"]),
             ("0.1b-single-cp1-compile", "0.1b-short", n, ["train.strategy=single", "train.compile=1"]),
             ("0.1b-single-cp0-compile", "0.1b-short", n, ["train.strategy=single", "train.grad_cp=0",
@@ -76,13 +78,15 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
     Path(args.json).write_text(json.dumps({"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"),
                                            "results": results}, indent=1))
-    print(f"\n{'run':18} {'steps':>5} {'tok/s':>9} {'ms/step':>8} {'MFU':>6} {'peak GiB':>9} {'loss first→last':>18}")
+    print(f"\n{'run':22} {'steps':>5} {'tok/s':>9} {'ms/step':>8} {'MFU':>6} {'peak GiB':>9} {'reserved':>9} "
+          f"{'loss first→last':>18}")
     for r in results:
         if "error" in r:
-            print(f"{r['name']:18} {r['error']}")
+            print(f"{r['name']:22} {r['error']}")
             continue
-        print(f"{r['name']:18} {r['steps']:>5} {r['tokens_per_s']:>9,} {r.get('ms_per_step', 0):>8} "
-              f"{r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} {r['first_loss']:>8.3f}→{r['last_loss']:.3f}")
+        print(f"{r['name']:22} {r['steps']:>5} {r['tokens_per_s']:>9,} {r.get('ms_per_step', 0):>8} "
+              f"{r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} {r['peak_reserved_gib']:>9.2f} "
+              f"{r['first_loss']:>8.3f}→{r['last_loss']:.3f}")
     return 0
 
 

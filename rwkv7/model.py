@@ -145,20 +145,30 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(shape.n_embd)
         self.head = nn.Linear(shape.n_embd, shape.vocab_size, bias=False)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each block (fuses the many small elementwise ops; the wkv7 CUDA op stays opaque).
-        The compiled wrappers are kept outside the module tree, so parameter names do not change."""
-        self.__dict__["_compiled"] = [torch.compile(b) for b in self.blocks]
+        With grad_cp the compiled function is the checkpointed block, so torch.compile sees the checkpoint and
+        recomputes with the same graph (a compiled block inside checkpoint can run a different graph in the
+        recompute and fail checkpoint's metadata check, as seen on torch 2.11). The compiled wrappers are kept
+        outside the module tree, so parameter names do not change."""
+        def checkpointed(block):
+            return lambda x, v_first: checkpoint(block, x, v_first, use_reentrant=False)
+
+        self.__dict__["_compiled"] = [torch.compile(b, backend=backend) for b in self.blocks]
+        self.__dict__["_compiled_cp"] = [torch.compile(checkpointed(b), backend=backend) for b in self.blocks]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.emb(idx)
         v_first = torch.empty_like(x)
-        blocks = self.__dict__.get("_compiled") or self.blocks
-        for block in blocks:
+        compiled, compiled_cp = self.__dict__.get("_compiled"), self.__dict__.get("_compiled_cp")
+        for i, block in enumerate(self.blocks):
             if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, v_first, _ = checkpoint(block, x, v_first, use_reentrant=False)
+                if compiled_cp:
+                    x, v_first, _ = compiled_cp[i](x, v_first)
+                else:
+                    x, v_first, _ = checkpoint(block, x, v_first, use_reentrant=False)
             else:
-                x, v_first, _ = block(x, v_first)
+                x, v_first, _ = (compiled[i] if compiled else block)(x, v_first)
         return self.head(self.ln_out(x))
 
     def zero_state(self, batch: int, device=None) -> list:

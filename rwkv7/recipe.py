@@ -80,6 +80,7 @@ class TrainConfig:
     max_bad_steps: int = 0        # non-finite losses tolerated (skipped) before the run stops
     num_workers: int = 1
     compile: bool = False         # torch.compile each block (GPU: fewer, fused kernels; first steps compile)
+    cuda_graph: bool = True       # strategy single: replay forward+backward as one CUDA graph (no effect elsewhere)
     cpu_threads: int = 0          # torch threads on CPU runs; 0: torch's default. 1 makes CPU logs bit-reproducible
 
 
@@ -120,7 +121,7 @@ class Recipe:
         global batch is split over GPUs and nodes (the sampler gives every step the same samples either way)."""
         d = self.to_dict()
         for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers", "max_bad_steps",
-                  "dist_timeout_min", "micro_bsz", "devices", "num_nodes"):
+                  "dist_timeout_min", "micro_bsz", "devices", "num_nodes", "cuda_graph"):
             d["train"].pop(k)
         d["train"]["real_bsz"] = self.real_bsz  # how a global batch is split over ranks does not change the numbers
         d.pop("check")

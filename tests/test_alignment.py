@@ -567,6 +567,30 @@ def test_l2wrap_forward_and_gradient():
     assert torch.allclose(logits2.grad, 2.5 * (ce_grad + extra), rtol=1e-6, atol=1e-9)
 
 
+def test_fused_loss_chunks_and_logit_reuse_give_the_same_gradient():
+    """Several row chunks (the last one partial), bf16 logits; reuse_logits (training) writes the gradient into the
+    logits' storage and must give exactly the gradient of the copying path."""
+    from rwkv7.train.module import CrossEntropyL2Wrap
+
+    n, V = 2 * CrossEntropyL2Wrap.CHUNK + 5, 16
+    g = torch.Generator().manual_seed(1)
+    base = (3 * torch.randn(n, V, generator=g)).to(torch.bfloat16)
+    targets = torch.randint(0, V, (n,), generator=g)
+    grads, losses = [], []
+    for reuse in (False, True):
+        leaf = base.clone().requires_grad_()
+        logits = leaf * 1  # a non-leaf, as the head's output is
+        loss = lm_loss(logits, targets, reuse_logits=reuse)
+        loss.backward()
+        grads.append(leaf.grad)
+        losses.append(float(loss))
+    ce = F.cross_entropy(base.float(), targets)
+    assert losses[0] == losses[1] == pytest.approx(float(ce), rel=1e-6)
+    assert torch.equal(grads[0], grads[1])
+    ref = (torch.softmax(base.float(), -1) - F.one_hot(targets, V).float()) / n
+    assert torch.allclose(grads[0].float(), ref, atol=2e-5)
+
+
 def test_l2wrap_is_identity_forward():
     loss, logits = torch.tensor(1.25, requires_grad=True), torch.randn(1, 3, 4, requires_grad=True)
     out = L2Wrap.apply(loss, logits)
@@ -612,3 +636,62 @@ def test_checkpoint_keys_order_shapes_and_dtype(tmp_path):
     torch.save({"_forward_module." + k: v for k, v in sd.items()}, tmp_path / "wrapped.pth")
     again = rwkv7.load_model(tmp_path / "wrapped.pth")
     assert all(torch.equal(again.state_dict()[k], v) for k, v in sd.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training variants that must not change the numbers
+
+
+def test_compiled_blocks_with_grad_cp_match_eager():
+    """train.compile with activation checkpointing: the checkpointed block is what gets compiled (a compiled block
+    inside checkpoint failed checkpoint's recompute check on the GPU). aot_eager keeps the test fast on CPU."""
+    from rwkv7.init import init_model
+
+    shape = ModelShape(2, 64, 97, 16)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        model = RWKV7(shape, grad_cp=True)
+        init_model(model, seed=0)
+        model.train()
+        if compiled:
+            model.compile_blocks(backend="aot_eager")
+        loss = lm_loss(model(idx), idx)
+        loss.backward()
+        results.append((float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss0, g0), (loss1, g1) = results
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_master_weight_adamw_is_fp32_adamw_on_masters():
+    """strategy single's optimizer: bf16 model weights, fp32 masters; one step equals torch's AdamW on fp32 copies
+    with global-norm clipping, rounded to bf16; fp32 gradients are freed after the step; keep_model_grads (the CUDA
+    graph path) leaves the bf16 gradient buffers in place."""
+    from rwkv7.train.bf16_optim import MasterWeightAdamW
+
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(8, 4, generator=g), torch.randn(4, generator=g)]
+    grads = [torch.randn(8, 4, generator=g) * 3, torch.randn(4, generator=g) * 3]
+    for keep in (False, True):
+        params = [torch.nn.Parameter(x.to(torch.bfloat16)) for x in w]
+        groups = [{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
+        opt = MasterWeightAdamW(groups, clip=1.0, lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+        opt.keep_model_grads = keep
+        for p, gr in zip(params, grads):
+            p.grad = gr.to(torch.bfloat16)
+        opt.step()
+
+        ref = [torch.nn.Parameter(x.to(torch.bfloat16).float()) for x in w]
+        for p, gr in zip(ref, grads):
+            p.grad = gr.to(torch.bfloat16).float()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}],
+                          lr=1e-2, betas=(0.9, 0.99), eps=1e-8).step()
+        assert float(opt.last_grad_norm) == pytest.approx(float(norm), rel=1e-6) and float(norm) > 1.0
+        for p, r in zip(params, ref):
+            assert torch.equal(p.detach(), r.detach().to(torch.bfloat16))
+        assert all(m.grad is None for group in opt.param_groups for m in group["params"])
+        assert all((p.grad is not None) == keep for p in params)

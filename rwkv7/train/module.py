@@ -47,12 +47,15 @@ class CrossEntropyL2Wrap(torch.autograd.Function):
 
     Never materialises an fp32 copy of all logits (2 GiB for 0.1b's 8192 x 65536): each chunk is upcast, used and
     dropped, and backward writes the gradient straight in the logits' dtype. Same numbers as L2Wrap + fp32 CE.
+    With reuse_logits the gradient is written into the logits' own storage (another 1 GiB saved at 0.1b): only for
+    logits nothing else reads afterwards, such as the head's output in training (its backward needs only its input
+    and weight).
     """
 
-    CHUNK = 2048
+    CHUNK = 1024  # rows per chunk: one fp32 temporary of CHUNK x vocab (256 MiB at vocab 65536)
 
     @staticmethod
-    def forward(ctx, logits, targets):
+    def forward(ctx, logits, targets, reuse_logits=False):
         n = logits.shape[0]
         acc = torch.promote_types(logits.dtype, torch.float32)
         lse = torch.empty(n, dtype=acc, device=logits.device)
@@ -62,6 +65,7 @@ class CrossEntropyL2Wrap(torch.autograd.Function):
             lse[i:i + lf.shape[0]] = torch.logsumexp(lf, -1)
             total += (lse[i:i + lf.shape[0]] - lf.gather(1, targets[i:i + lf.shape[0], None]).squeeze(1)).sum()
         ctx.save_for_backward(logits, targets, lse)
+        ctx.reuse_logits = reuse_logits
         return total / n
 
     @staticmethod
@@ -69,21 +73,23 @@ class CrossEntropyL2Wrap(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         n = logits.shape[0]
         g = grad_output.to(lse.dtype) / n
-        grad = torch.empty_like(logits)
+        grad = logits if ctx.reuse_logits else torch.empty_like(logits)
         for i in range(0, n, CrossEntropyL2Wrap.CHUNK):
-            lf = _upcast(logits[i:i + CrossEntropyL2Wrap.CHUNK])
-            rows = lf.shape[0]
-            maxx, ids = lf.max(-1, keepdim=True)
-            p = torch.exp(lf - lse[i:i + rows, None])
+            p = logits[i:i + CrossEntropyL2Wrap.CHUNK].to(lse.dtype, copy=True)  # the chunk's only temporary
+            rows = p.shape[0]
+            maxx, ids = p.max(-1, keepdim=True)
+            p.sub_(lse[i:i + rows, None]).exp_()
             p.scatter_add_(1, targets[i:i + rows, None], torch.full_like(maxx, -1.0))
             p.scatter_add_(1, ids, maxx * L2WRAP_FACTOR)  # L2Wrap: 1e-4 * max_logit / (B*T) at the argmax
-            grad[i:i + rows] = (p * g).to(logits.dtype)
-        return grad, None
+            grad[i:i + rows] = p.mul_(g)
+        return grad, None, None
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32 with L2Wrap's extra gradient (L2Wrap(CE(logits), logits), fused)."""
-    return CrossEntropyL2Wrap.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:
+    """Mean cross-entropy in fp32 with L2Wrap's extra gradient (L2Wrap(CE(logits), logits), fused).
+    reuse_logits: backward overwrites `logits` with its gradient (saves a logits-sized buffer; the caller must not
+    read the logits after backward)."""
+    return CrossEntropyL2Wrap.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reuse_logits)
 
 
 def param_groups(model: RWKV7, weight_decay: float) -> list[dict]:
@@ -114,17 +120,37 @@ class RWKV7Module(pl.LightningModule):
         # Checking the loss before backward costs a GPU sync per step; on GPUs it is done one step late by the
         # tracker instead, unless bad steps are to be skipped (which needs the answer before the update).
         self.check_now = recipe.train.accelerator == "cpu" or recipe.train.max_bad_steps > 0
+        # strategy single on a GPU: forward + backward replayed as one CUDA graph (rwkv7/train/graphed.py); the
+        # optimizer step then runs here (manual optimization). Skipping bad steps needs the eager path.
+        self.use_graph = (recipe.train.strategy == "single" and recipe.train.cuda_graph and not self.check_now
+                          and torch.cuda.is_available())
+        self.automatic_optimization = not self.use_graph
+        self.graphed = None
 
     def forward(self, idx):
         return self.model(idx)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = lm_loss(self.model(x), y)
+        if self.use_graph:
+            return self._graphed_step(x, y)
+        loss = lm_loss(self.model(x), y, reuse_logits=True)
         if testhooks.fault("nan", self.run_step):
             loss = loss * float("nan")
         if self.check_now and not torch.isfinite(loss.detach()):
             return self._bad_step(f"loss is {float(loss)}", loss)
+        return loss
+
+    def _graphed_step(self, x, y):
+        if self.graphed is None:
+            from rwkv7.train.graphed import GraphedStep
+
+            self.optimizers().optimizer.keep_model_grads = True  # the graph's gradient buffers are fixed
+            self.graphed = GraphedStep(self.model, lambda out, tgt: lm_loss(out, tgt, reuse_logits=True), x, y)
+        loss = self.graphed(x, y)
+        if testhooks.fault("nan", self.run_step):
+            loss = loss * float("nan")
+        self.optimizers().step()  # MasterWeightAdamW: copy, clip, AdamW on the fp32 masters, copy back
         return loss
 
     def _bad_step(self, what: str, loss=None):

@@ -219,6 +219,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
                 row["mfu"] = round(self.tok_s * self.flops / (self.peak * 1e12 * trainer.world_size), 4)
             if torch.cuda.is_available() and recipe.train.accelerator == "gpu":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+                row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 3)  # + allocator cache
             self.metrics_buffer.append(json.dumps(row))
             if self.wandb is not None:
                 self.wandb.log(row, step=step)
