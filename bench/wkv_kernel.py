@@ -4,7 +4,8 @@
 
 Medians of triton.testing.do_bench over direct op calls (the forward as in training: checkpoints and sa saved).
 Every forward layout (wkv_cuda.FWD_LAYOUTS) and every backward layout (wkv_cuda.BWD_LAYOUTS) is timed on its own (the
-backward on layout 28's checkpoints); --lanes sets both lists at once. The defaults in rwkv7/wkv_cuda.py are marked *.
+backward on layout 28's checkpoints; the cluster layouts 2xx / 12xx only on compute capability 9.0+); --lanes sets both
+lists at once. The defaults in rwkv7/wkv_cuda.py are marked *.
 Per shape it prints the fastest forward and backward, and times fwd+bwd for the default pair and the fastest pair.
 If the official kernels were copied into the git-ignored ref/ (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp;
 with --classic the classic wkv7_cuda.cu + wkv7_op.cpp), they are JIT-compiled and timed side by side, and their outputs
@@ -165,6 +166,9 @@ def main(argv=None):
             star = "*" if lanes == wkv_cuda.FWD_LANES else " "
             rows.append((f"ours fwd layout {lanes}{star}", B, T, H, tf, nan, nan, tinf))
         for lanes in bwd_list:
+            if not wkv_cuda.bwd_layout_supported(lanes):
+                print(f"(bwd layout {lanes} skipped: needs thread-block clusters, compute capability 9.0+)")
+                continue
             tb = bench(lambda: ext.backward(*xs, dy, ck28, sa28, None, lanes))
             bwd_times[lanes] = tb
             star = "*" if lanes == wkv_cuda.BWD_LANES else " "

@@ -38,13 +38,19 @@ CHUNK = 16
 # Thread layout codes (kernels/wkv7/wkv7.cu). Below 100, one code serves both directions: 2, 4, 8 = that many threads
 # per state row; 24, 28, 48 = R rows (first digit) shared by LC threads (second digit). From 100 up, 100*S + 10*R + LC:
 # kernels that stage through cp.async; the forward splits each (b, h) over S blocks of 64/S rows (211: one row per
-# thread, 32 threads, two blocks per head), the backward has S = 1; forward codes + 1000 fold the decay into a
-# per-column scale of the state within each chunk. Chosen from bench/wkv_kernel.py; RWKV7_WKV_LANES="fwd,bwd" overrides.
+# thread, 32 threads, two blocks per head). The backward's 1xx have S = 1; its 2xx (S = 2, R = 1, LC = 1/2/4 threads
+# per key channel) split each (b, h) over a thread-block cluster of 2 blocks that add their key-channel partial sums
+# through distributed shared memory once per chunk: they need compute capability 9.0+ (bwd_layout_supported).
+# Codes + 1000 (forward split and backward cluster layouts) fold the decay into per-column scales within each chunk.
+# Chosen from bench/wkv_kernel.py; RWKV7_WKV_LANES="fwd,bwd" overrides.
 LAYOUTS = (2, 4, 8, 24, 28, 48)  # forward and backward
 _SPLIT = (111, 128, 211, 222, 224, 228, 244, 412, 428)
 FWD_LAYOUTS = LAYOUTS + _SPLIT + tuple(1000 + x for x in _SPLIT)
-BWD_LAYOUTS = LAYOUTS + (112, 114, 124, 128)
-FWD_LANES, BWD_LANES = 1228, 112  # H200, 2026-11-27: fastest forward / backward (bench/wkv_kernel.py)
+_CLUSTER = (211, 212, 214)
+CLUSTER_BWD_LAYOUTS = _CLUSTER + tuple(1000 + x for x in _CLUSTER)  # thread-block clusters: sm_90+
+BWD_LAYOUTS = LAYOUTS + (112, 114, 124, 128) + CLUSTER_BWD_LAYOUTS
+FWD_LANES, BWD_LANES = 1228, 1212  # H200, 2026-11-27: fastest forward / backward (bench/wkv_kernel.py)
+BWD_FALLBACK = 112  # fastest backward without thread-block clusters (GPUs before sm_90)
 
 
 def parse_lanes(value: str) -> tuple[int, int]:
@@ -57,6 +63,29 @@ def parse_lanes(value: str) -> tuple[int, int]:
         raise UserError(f"RWKV7_WKV_LANES={value!r}: expected 'fwd,bwd' with fwd one of {FWD_LAYOUTS} and bwd one of "
                         f"{BWD_LAYOUTS}")
     return fwd, bwd
+
+
+def bwd_layout_supported(code: int, capability: Optional[tuple[int, int]] = None) -> bool:
+    """Whether backward layout `code` can run on a GPU of `capability` (default: the current one). The cluster
+    layouts need 9.0+; on older GPUs their launch fails with 'operation not supported' instead of running."""
+    if code not in CLUSTER_BWD_LAYOUTS:
+        return code in BWD_LAYOUTS
+    if capability is None:
+        if not torch.cuda.is_available():
+            return False
+        capability = torch.cuda.get_device_capability()
+    return tuple(capability) >= (9, 0)
+
+
+_BWD_BY_DEVICE: dict = {}
+
+
+def _bwd_lanes(device: torch.device) -> int:
+    """BWD_LANES where this GPU can run it, else BWD_FALLBACK (cached per device)."""
+    if device.index not in _BWD_BY_DEVICE:
+        ok = bwd_layout_supported(BWD_LANES, torch.cuda.get_device_capability(device))
+        _BWD_BY_DEVICE[device.index] = BWD_LANES if ok else BWD_FALLBACK
+    return _BWD_BY_DEVICE[device.index]
 
 
 if os.environ.get("RWKV7_WKV_LANES"):
@@ -266,7 +295,7 @@ def wkv7_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
                   dsT: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor, torch.Tensor, torch.Tensor]:
     load()
-    return torch.ops.rwkv7_wkv7_ext.backward(r, w, k, v, a, b, dy, ckpt, sa, dsT, BWD_LANES)
+    return torch.ops.rwkv7_wkv7_ext.backward(r, w, k, v, a, b, dy, ckpt, sa, dsT, _bwd_lanes(dy.device))
 
 
 @wkv7_backward.register_fake

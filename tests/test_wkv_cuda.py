@@ -151,8 +151,44 @@ def test_every_forward_layout(lanes, T):
 @pytest.mark.parametrize("T", [16, 80])
 @pytest.mark.parametrize("lanes", wkv_cuda.BWD_LAYOUTS)
 def test_every_backward_layout(lanes, T):
-    """Each compiled backward layout (forward: layout 28)."""
+    """Each compiled backward layout (forward: layout 28); the cluster layouts only where clusters exist (sm_90+)."""
+    if not wkv_cuda.bwd_layout_supported(lanes):
+        pytest.skip(f"backward layout {lanes} needs thread-block clusters (compute capability 9.0+)")
     run_layouts(28, lanes, T, seed=lanes + T)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("lanes", wkv_cuda.CLUSTER_BWD_LAYOUTS)
+def test_cluster_backward_layouts(lanes):
+    """The cluster (2-block) backward layouts, decay folded or not: against fp64 with the strongest decays (worst case
+    for the state inversion and for the folded per-column scales) over many chunks, and close to layout 112 (same
+    math, other summation order); on GPUs without clusters the launch must fail cleanly, not run."""
+    wkv_cuda.load()
+    ext = torch.ops.rwkv7_wkv7_ext
+    B, T, H = 2, 256, 12
+    xs = make_inputs(B, T, H, "cuda", zrange=(2.0, 6.0), seed=lanes)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    s0 = (torch.randn(B, H, 64, 64, generator=g) * 0.3).cuda()
+    dy = (torch.randn(B, T, H, 64, generator=g) * 0.5).to("cuda", torch.bfloat16)
+    dsT = (torch.randn(B, H, 64, 64, generator=g) * 0.1).cuda()
+    y, ckpt, sa = ext.forward(*xs, s0, True, 28)
+    if not wkv_cuda.bwd_layout_supported(lanes):
+        with pytest.raises(RuntimeError, match="not supported"):
+            ext.backward(*xs, dy, ckpt, sa, dsT, lanes)
+        torch.cuda.synchronize()
+        return
+    poison()
+    grads = ext.backward(*xs, dy, ckpt, sa, dsT, lanes)
+    _, _, grads_ref = run_reference(xs, s0, dy, dsT)
+    grads112 = ext.backward(*xs, dy, ckpt, sa, dsT, 112)
+    for name, g_, g_ref, g112 in zip(["dr", "dw", "dk", "dv", "da", "db", "ds0"], grads, grads_ref, grads112):
+        assert rel(g_, g_ref) <= TOL, (name, rel(g_, g_ref))
+        assert rel(g_, g112) <= 1e-2, (name, rel(g_, g112))
+    assert all(torch.equal(a, b) for a, b in zip(ext.backward(*xs, dy, ckpt, sa, dsT, lanes), grads))
+    # without a final-state gradient (dsT = None): same as passing zeros
+    zero = ext.backward(*xs, dy, ckpt, sa, torch.zeros_like(dsT), lanes)
+    assert all(torch.equal(a, b) for a, b in zip(ext.backward(*xs, dy, ckpt, sa, None, lanes), zero))
 
 
 @cuda
@@ -177,9 +213,12 @@ def test_split_layouts_repeat_layout_28_exactly():
 
 def test_lane_codes_parse_and_validate():
     assert wkv_cuda.parse_lanes("211,112") == (211, 112)
+    assert wkv_cuda.parse_lanes("1228,1212") == (1228, 1212)
+    assert wkv_cuda.bwd_layout_supported(1212, (9, 0)) and not wkv_cuda.bwd_layout_supported(212, (8, 9))
+    assert wkv_cuda.bwd_layout_supported(112, (8, 0)) and not wkv_cuda.bwd_layout_supported(1228, (9, 0))
     assert wkv_cuda.parse_lanes(f"{wkv_cuda.FWD_LANES},{wkv_cuda.BWD_LANES}") == (wkv_cuda.FWD_LANES,
                                                                                    wkv_cuda.BWD_LANES)
-    for bad in ("211", "211,211", "3,2", "x,2", "28,2,2"):
+    for bad in ("211", "211,1228", "3,2", "x,2", "28,2,2"):
         with pytest.raises(UserError, match="RWKV7_WKV_LANES"):
             wkv_cuda.parse_lanes(bad)
 
@@ -290,3 +329,16 @@ def test_build_reports_missing_gpu_as_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA"):
         wkv_cuda.build(wkv_cuda.cache_dir())
+
+
+def test_cluster_backward_falls_back_on_older_gpus(monkeypatch):
+    """The default backward needs thread-block clusters (sm_90+); an A100 gets BWD_FALLBACK instead of a failed
+    launch."""
+    monkeypatch.setattr(wkv_cuda, "_BWD_BY_DEVICE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    expected = wkv_cuda.BWD_LANES if wkv_cuda.BWD_LANES not in wkv_cuda.CLUSTER_BWD_LAYOUTS else wkv_cuda.BWD_FALLBACK
+    assert wkv_cuda._bwd_lanes(torch.device("cuda", 0)) == expected
+    assert wkv_cuda.BWD_FALLBACK in wkv_cuda.BWD_LAYOUTS and wkv_cuda.BWD_FALLBACK not in wkv_cuda.CLUSTER_BWD_LAYOUTS
+    monkeypatch.setattr(wkv_cuda, "_BWD_BY_DEVICE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert wkv_cuda._bwd_lanes(torch.device("cuda", 0)) == wkv_cuda.BWD_LANES

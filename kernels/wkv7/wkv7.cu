@@ -4,8 +4,8 @@
 // (row i = value channel, column j = key channel) and decay_j = exp(-exp(-0.5) * sigmoid(w_j)) in fp32:
 //     sa_i = sum_j S_ij a_j ;  S_ij = S_ij decay_j + sa_i b_j + v_i k_j ;  y_i = sum_j S_ij r_j
 // Inputs r, w, k, v, a, b: bf16 [B,T,H,64] contiguous, T a multiple of 16. Optional initial state s0 and final-state
-// gradient dsT: fp32 [B,H,64,64]. One thread block per (b, h) (forward layouts >= 200: S blocks per (b, h), each
-// owning 64/S state rows); every output element is written exactly once.
+// gradient dsT: fp32 [B,H,64,64]. One thread block per (b, h) (forward layouts >= 200 and backward layouts 2xx / 12xx:
+// S blocks per (b, h), each owning 64/S state rows); every output element is written exactly once.
 //
 // Forward: LC threads share one state row (each owns 64/LC columns), so both reductions (sa, y) are LC-lane shuffles
 // and a step needs no block barrier. Inputs arrive in 16-step chunks staged to shared memory (the next chunk is
@@ -32,6 +32,11 @@
 //       state within each chunk (four FP operations per state element and step instead of five; see FOLD below).
 //   100 + 10*R + LC, backward: wkv7_bwd2_kernel, the backward's arithmetic with cp.async staging of inputs and
 //       checkpoints and split dot products: 112, 114, 124, 128 (128 is bit-identical to layout 28).
+//   100*S + 10*R + LC with S = 2, backward: wkv7_bwd_cluster_kernel, one (b, h) split over a thread-block cluster of S
+//       blocks of 64/S value rows (grid B*H*S; key-channel sums added across the cluster through distributed shared
+//       memory once per chunk), R = 1 key channel per LC threads: 211, 212, 214; 1000 + those (1211, 1212, 1214): the
+//       same with the decay folded into per-column scales of S and dS within each chunk. sm_90+ only (clusters):
+//       elsewhere these codes return cudaErrorNotSupported without launching.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -1004,6 +1009,407 @@ wkv7_bwd2_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restri
     }
 }
 
+// Backward, layouts 200 + 10*R + LC with R = 1 (2xx; + 1000 for FOLD): one (b, h) split over a thread-block cluster of
+// S = 2 blocks, block rank s owning the 64/S = RB value channels (rows) row0 = s*RB.. of S and dS.
+//   Row-local work: dS row i evolves with row-local quantities only (dS_i += dy_i r; dsa_i = <dS_i, b>, dv_i = <dS_i, k>;
+//   dS_i <- dS_i diag(decay) + dsa_i a). A thread (il, pc) keeps RB/LC entries of one of the block's rows (NL = S*LC
+//   lanes per row), so dsa and dv are NL-lane shuffles, and dv is written by the owning block.
+//   Key-channel work: a thread (i, p) keeps key channel i's column of S and of dS restricted to the block's rows (the
+//   same dS numbers as the row copy, updated by the same operations, so the two copies agree bit for bit); dr, dk, db,
+//   dw, da are sums over rows: each block reduces its own rows (LC-lane shuffles) into fp32 partial sums for the
+//   chunk's 16 steps in shared memory ("part"). d(sa) of the block's rows goes through shared memory: one block
+//   barrier per step, as in the S = 1 kernels.
+//   Once per chunk, a cluster barrier (arrive.release / wait.acquire) makes every block's partials visible; block s
+//   then adds the S blocks' partials of key channels s*64/S.. in rank order through distributed shared memory (mapa)
+//   and writes those bf16 gradients: no atomics, bit-reproducible, each output element written once. A second,
+//   split barrier (arrive after the reads, wait just before the next chunk's first partial store) keeps "part" from
+//   being overwritten while another block still reads it; a final one keeps blocks alive until all reads are done.
+// Staging as in wkv7_bwd2_kernel (cp.async, bf16 in shared memory), but only the block's rows of v, dy, sa and of the
+// checkpoint. Needs sm_90 (clusters); elsewhere the launcher reports cudaErrorNotSupported.
+//
+// FOLD: within a chunk dS is kept as X = dS / Q (per key column j, Q_j(t) = product of decay_j over the chunk's steps
+// after t; Q = 1 at the chunk's last step) and S as St = S / P (P_j(t) = product of decay_j over the chunk's steps up
+// to t, so P(t) Q(t) = Pc, the whole chunk's product). Then the dS updates need no decay multiply (dS_{t-1} = dS_t
+// diag(decay) + dsa a^T becomes X += dsa (a / Q(t-1))) and the inversion S_{t-1} = (S_t - v k^T - sa b^T) / decay
+// becomes St -= v (k Q / Pc) + sa (b Q / Pc): 13 instead of 16 FP operations per (row, key channel) and step. The
+// per-column factors r/Q, a/Q(t-1), b Q, k Q are made once per chunk (one thread per key channel scans the chunk's
+// steps after the parallel conversion) and shared by both dS copies, which so stay bit-identical; key-channel sums are
+// scaled back per thread (dr by P(t), dk and db by Q(t), dw by Q(t) P(t-1) wf, da by P(t-1)), and dS = X Pc is
+// restored once the chunk's first step is done. Q >= 0.545^16 > 6e-5: per-column scales leave fp32's relative
+// rounding as it is.
+template <int S, int LC>
+struct BwdClusterCfg {
+    static constexpr int RB = N / S;           // rows of one block
+    static constexpr int NT = N * LC;          // threads: LC per key channel
+    static constexpr int CPT = RB / LC;        // rows per key-channel thread = columns per row thread
+    static constexpr int NL = NT / RB;         // row threads per row (S * LC)
+    static constexpr int BA = CPT >= 16 ? 2 : 1;  // partial sums per dot product
+    static constexpr int NKP = 5 * CH * N / 8, NVP = 2 * CH * RB / 8, NSP = CH * RB / 4;  // 16-byte pieces / chunk
+    static constexpr int OUTC = N / S;         // key channels whose gradients a block writes
+};
+
+// staged per chunk: key-channel vectors (r, decay, k, a, b, dw factor; FOLD: r/Q, decay, kQ, a/Q', bQ, dw factor)
+enum { KR = 0, KD, KK, KA, KB, KW, NKIN };
+enum { VV = 0, VSA, VDY, NVIN };                // the block's rows: v, sa, dy
+enum { PR = 0, PK, PB, PW, PA, NPART };        // partial sums: dr, dk, db, dw, da
+
+template <int RB>
+struct BwdClusterSmem {
+    float kin[NKIN][CH][N];
+    float part[NPART][CH][N];
+    float vin[NVIN][CH][RB];
+    float ck[RB][CKS];      // the block's rows of the checkpoint
+    bf16 rawk[5][CH][N];    // r, w, k, a, b of the next chunk
+    bf16 rawv[2][CH][RB];   // v, dy rows of the next chunk
+    float rawsa[CH][RB];    // sa rows of the next chunk
+    float pc[N];            // FOLD: the chunk's decay product per key channel
+    float dsa[2][RB];
+    bf16 dvout[CH][RB];
+};
+
+__device__ __forceinline__ void cluster_arrive() {  // release: this thread's earlier memory accesses are ordered first
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {  // acquire: every block's accesses before its arrive are visible
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+    return r;
+}
+// generic address of the same shared-memory location in block `rank` of this cluster
+__device__ __forceinline__ const float* cluster_map(const float* ptr, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint64_t out;
+    asm volatile("mapa.u64 %0, %1, %2;\n" : "=l"(out) : "l"(ptr), "r"(rank));
+    return reinterpret_cast<const float*>(out);
+#else
+    (void)rank;
+    return ptr;
+#endif
+}
+
+template <int S, int LC, bool FOLD>
+__global__ void __launch_bounds__(BwdClusterCfg<S, LC>::NT, 3)
+wkv7_bwd_cluster_kernel(int T, int H, const bf16* __restrict__ r_, const bf16* __restrict__ w_,
+                        const bf16* __restrict__ k_, const bf16* __restrict__ v_, const bf16* __restrict__ a_,
+                        const bf16* __restrict__ b_, const bf16* __restrict__ dy_, const float* __restrict__ ckpt_,
+                        const float* __restrict__ sa_, const float* __restrict__ dsT_, bf16* __restrict__ dr_,
+                        bf16* __restrict__ dw_, bf16* __restrict__ dk_, bf16* __restrict__ dv_,
+                        bf16* __restrict__ da_, bf16* __restrict__ db_, float* __restrict__ ds0_) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap();  // never launched: the launcher refuses devices and builds without clusters (the rest is dead code)
+#endif
+    using C = BwdClusterCfg<S, LC>;
+    constexpr int RB = C::RB, NT = C::NT, CPT = C::CPT, NQ = CPT / 4, NL = C::NL, BA = C::BA;
+    constexpr int NKP = C::NKP, NVP = C::NVP, NSP = C::NSP, OUTC = C::OUTC;
+    static_assert(NT % 32 == 0 && CPT % 4 == 0 && NL <= 32 && (NL & (NL - 1)) == 0 && NL >= 2, "bad layout");
+    static_assert(RB % 8 == 0 && OUTC % 8 == 0, "bad split");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    BwdClusterSmem<RB>& sm = *reinterpret_cast<BwdClusterSmem<RB>*>(smem_raw);
+
+    const int tid = threadIdx.x;
+    const int i = tid / LC, p = tid % LC;        // key-channel part: column i, rows col_of(p, q, e, LC) of the block
+    const int il = tid / NL, pc = tid % NL;      // row part: row il of the block, columns col_of(pc, q, e, NL)
+    const unsigned rank = cluster_rank();
+    const int bh = blockIdx.x / S, row0 = (int)rank * RB, bb = bh / H, hh = bh % H;
+    const int NC = T / CH;
+    const float* ckpt = ckpt_ + (size_t)bh * NC * N * N;
+    auto gofs = [&](int c, int tt) { return ((size_t)(bb * T + c * CH + tt) * H + hh) * N; };
+    auto ld4 = [](const float* vec, int pp, int q, int lanes) {
+        return *reinterpret_cast<const float4*>(vec + col_of(pp, q, 0, lanes));
+    };
+
+    // St: S column i (block rows), X: dS column i (block rows), Y: dS row row0+il (columns col_of(pc, ., ., NL))
+    float St[CPT], X[CPT], Y[CPT];
+#pragma unroll
+    for (int q = 0; q < NQ; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int m = 4 * q + e, jl = col_of(p, q, e, LC), jc = col_of(pc, q, e, NL);
+            X[m] = dsT_ != nullptr ? dsT_[(size_t)bh * N * N + (row0 + jl) * N + i] : 0.0f;
+            Y[m] = dsT_ != nullptr ? dsT_[(size_t)bh * N * N + (row0 + il) * N + jc] : 0.0f;
+        }
+
+    auto issue_inputs = [&](int c) {
+        for (int x = tid; x < NKP + NVP + NSP; x += NT) {
+            if (x < NKP) {
+                const int src = x / (CH * N / 8), tt = (x / 8) % CH, c8 = (x % 8) * 8;
+                const bf16* g = src == 0 ? r_ : src == 1 ? w_ : src == 2 ? k_ : src == 3 ? a_ : b_;
+                copy16_async(&sm.rawk[src][tt][c8], g + gofs(c, tt) + c8);
+            } else if (x < NKP + NVP) {
+                const int y = x - NKP, src = y / (CH * RB / 8), tt = (y / (RB / 8)) % CH, c8 = (y % (RB / 8)) * 8;
+                copy16_async(&sm.rawv[src][tt][c8], (src == 0 ? v_ : dy_) + gofs(c, tt) + row0 + c8);
+            } else {
+                const int y = x - NKP - NVP, tt = y / (RB / 4), c4 = (y % (RB / 4)) * 4;
+                copy16_async(&sm.rawsa[tt][c4], sa_ + gofs(c, tt) + row0 + c4);
+            }
+        }
+    };
+    auto issue_ckpt = [&](int c) {
+        for (int x = tid; x < RB * N / 4; x += NT) {
+            const int jl = x / (N / 4), c4 = (x % (N / 4)) * 4;
+            copy16_async(&sm.ck[jl][c4], ckpt + (size_t)c * N * N + (row0 + jl) * N + c4);
+        }
+    };
+    auto convert = [&]() {  // rawk -> kin (r, decay, k, a, b, dw factor), rawv / rawsa -> vin
+        for (int x = tid; x < NKP; x += NT) {
+            const int src = x / (CH * N / 8), tt = (x / 8) % CH, c8 = (x % 8) * 8;
+            float f[8];
+            bf8_to_f32(*reinterpret_cast<const uint4*>(&sm.rawk[src][tt][c8]), f);
+            if (src == 1) {
+                float wf[8];
+#pragma unroll
+                for (int m = 0; m < 8; ++m) {
+                    const float s = sigmoidf_(f[m]);
+                    f[m] = __expf(-DECAY_SCALE * s);
+                    wf[m] = -DECAY_SCALE * f[m] * s * (1.0f - s);  // d decay / d w
+                }
+                float4* dw = reinterpret_cast<float4*>(&sm.kin[KW][tt][c8]);
+                dw[0] = make_float4(wf[0], wf[1], wf[2], wf[3]);
+                dw[1] = make_float4(wf[4], wf[5], wf[6], wf[7]);
+            }
+            const int slot = src == 0 ? KR : src == 1 ? KD : src == 2 ? KK : src == 3 ? KA : KB;
+            float4* dst = reinterpret_cast<float4*>(&sm.kin[slot][tt][c8]);
+            dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+            dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+        }
+        for (int y = tid; y < NVP + NSP; y += NT) {
+            if (y < NVP) {
+                const int src = y / (CH * RB / 8), tt = (y / (RB / 8)) % CH, c8 = (y % (RB / 8)) * 8;
+                float f[8];
+                bf8_to_f32(*reinterpret_cast<const uint4*>(&sm.rawv[src][tt][c8]), f);
+                float4* dst = reinterpret_cast<float4*>(&sm.vin[src == 0 ? VV : VDY][tt][c8]);
+                dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+                dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+            } else {
+                const int z = y - NVP, tt = z / (RB / 4), c4 = (z % (RB / 4)) * 4;
+                *reinterpret_cast<float4*>(&sm.vin[VSA][tt][c4]) = *reinterpret_cast<const float4*>(&sm.rawsa[tt][c4]);
+            }
+        }
+        if constexpr (FOLD) {  // per key channel, the chunk's steps from last to first: r/Q, kQ, bQ, a/Q', Pc
+            __syncthreads();
+            if (tid < N) {
+                const int j = tid;
+                float Q = 1.0f, iQ = 1.0f;  // Q(t): product of the decays of the chunk's steps after t
+#pragma unroll 4
+                for (int tt = CH - 1; tt >= 0; --tt) {
+                    const float d = sm.kin[KD][tt][j];
+                    sm.kin[KR][tt][j] *= iQ;
+                    sm.kin[KK][tt][j] *= Q;
+                    sm.kin[KB][tt][j] *= Q;
+                    Q *= d;
+                    iQ = 1.0f / Q;
+                    sm.kin[KA][tt][j] *= iQ;
+                }
+                sm.pc[j] = Q;
+            }
+        }
+    };
+
+    issue_inputs(NC - 1);
+    issue_ckpt(NC - 1);
+    copy_async_wait_all();
+    __syncthreads();
+    convert();
+    __syncthreads();
+
+    for (int c = NC - 1; c >= 0; --c) {
+        // S after the chunk's last step (FOLD: St = S / Pc); FOLD: X, Y hold dS / Q with Q = 1 here
+        const float pcol = FOLD ? sm.pc[i] : 1.0f, pcinv = FOLD ? 1.0f / pcol : 1.0f;
+#pragma unroll
+        for (int q = 0; q < NQ; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float s = sm.ck[col_of(p, q, e, LC)][i];
+                St[4 * q + e] = FOLD ? s * pcinv : s;
+            }
+        if (c > 0) issue_inputs(c - 1);  // raw buffers are free: the last convert() is behind a barrier
+        float Q = 1.0f, iQ = 1.0f;       // FOLD: Q(t) of key channel i and its reciprocal
+
+#pragma unroll 1
+        for (int tt = CH - 1; tt >= 0; --tt) {
+            // ---- row part: dS row il += dy_i r^T; dsa_i, dv_i; dS row <- dS row diag(decay) + dsa_i a^T
+            {
+                const float dyi = sm.vin[VDY][tt][il];
+                float qs[BA], qv[BA];
+#pragma unroll
+                for (int u = 0; u < BA; ++u) qs[u] = qv[u] = 0.0f;
+#pragma unroll
+                for (int q = 0; q < NQ; ++q) {
+                    const float4 rv = ld4(sm.kin[KR][tt], pc, q, NL), bv = ld4(sm.kin[KB][tt], pc, q, NL);
+                    const float4 kv = ld4(sm.kin[KK][tt], pc, q, NL);
+                    const float rx[4] = {rv.x, rv.y, rv.z, rv.w}, bx[4] = {bv.x, bv.y, bv.z, bv.w};
+                    const float kx[4] = {kv.x, kv.y, kv.z, kv.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = 4 * q + e, u = e % BA;
+                        Y[m] = fmaf(dyi, rx[e], Y[m]);
+                        qs[u] = fmaf(Y[m], bx[e], qs[u]);
+                        qv[u] = fmaf(Y[m], kx[e], qv[u]);
+                    }
+                }
+                // even lanes reduce dsa, odd lanes dv; then every lane gets both
+                const bool odd = pc & 1;
+                const float s0 = tree_sum<BA>(qs), v0 = tree_sum<BA>(qv);
+                float uu = (odd ? v0 : s0) + __shfl_xor_sync(FULL, odd ? s0 : v0, 1);
+#pragma unroll
+                for (int m = 2; m < NL; m <<= 1) uu += __shfl_xor_sync(FULL, uu, m);
+                const float other = __shfl_xor_sync(FULL, uu, 1);
+                const float dsa = odd ? other : uu;
+                if (pc == 0) sm.dsa[tt & 1][il] = dsa;
+                if (pc == 1) sm.dvout[tt][il] = __float2bfloat16_rn(uu);
+#pragma unroll
+                for (int q = 0; q < NQ; ++q) {
+                    const float4 av = ld4(sm.kin[KA][tt], pc, q, NL);
+                    const float ax[4] = {av.x, av.y, av.z, av.w};
+                    if constexpr (FOLD) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) Y[4 * q + e] = fmaf(dsa, ax[e], Y[4 * q + e]);
+                    } else {
+                        const float4 dv4 = ld4(sm.kin[KD][tt], pc, q, NL);
+                        const float dx[4] = {dv4.x, dv4.y, dv4.z, dv4.w};
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) Y[4 * q + e] = fmaf(Y[4 * q + e], dx[e], dsa * ax[e]);
+                    }
+                }
+            }
+            // ---- key-channel part, before d(sa) is known: dr, dk, db, inversion, dd
+            const float d_i = sm.kin[KD][tt][i], r_i = sm.kin[KR][tt][i], k_i = sm.kin[KK][tt][i];
+            const float b_i = sm.kin[KB][tt][i], a_i = sm.kin[KA][tt][i], wf_i = sm.kin[KW][tt][i];
+            float kin, bin, inv = 1.0f, sc_r, sc_kb, sc_w, sc_a;
+            if constexpr (FOLD) {
+                const float Qp = Q * d_i, iQp = 1.0f / Qp;
+                kin = k_i * pcinv;         // k Q / Pc = k / P(t)
+                bin = b_i * pcinv;
+                sc_r = pcol * iQ;          // P(t) = Pc / Q(t)
+                sc_kb = Q;
+                sc_a = pcol * iQp;         // P(t-1)
+                sc_w = wf_i * (Q * sc_a);  // Q(t) P(t-1) wf
+                Q = Qp;
+                iQ = iQp;
+            } else {
+                inv = 1.0f / d_i;
+                kin = k_i * inv;
+                bin = b_i * inv;
+                sc_r = sc_kb = sc_a = 1.0f;
+                sc_w = wf_i;
+            }
+            float dr[BA], dk[BA], db[BA], dd[BA], da[BA];
+#pragma unroll
+            for (int u = 0; u < BA; ++u) dr[u] = dk[u] = db[u] = dd[u] = da[u] = 0.0f;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 dyv = ld4(sm.vin[VDY][tt], p, q, LC), vv = ld4(sm.vin[VV][tt], p, q, LC);
+                const float4 sv = ld4(sm.vin[VSA][tt], p, q, LC);
+                const float dyx[4] = {dyv.x, dyv.y, dyv.z, dyv.w}, vx[4] = {vv.x, vv.y, vv.z, vv.w};
+                const float sx[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int m = 4 * q + e, u = e % BA;
+                    dr[u] = fmaf(St[m], dyx[e], dr[u]);
+                    X[m] = fmaf(dyx[e], r_i, X[m]);
+                    dk[u] = fmaf(X[m], vx[e], dk[u]);
+                    db[u] = fmaf(X[m], sx[e], db[u]);
+                    if constexpr (FOLD) St[m] = fmaf(-sx[e], bin, fmaf(-vx[e], kin, St[m]));
+                    else St[m] = fmaf(-sx[e], bin, fmaf(-vx[e], kin, St[m] * inv));
+                    dd[u] = fmaf(X[m], St[m], dd[u]);
+                }
+            }
+            if (tt == CH - 1 && c < NC - 1) cluster_wait();  // every block has read "part" of the previous chunk
+            {
+                const float q0 = tree_sum<BA>(dr), q1 = tree_sum<BA>(dk), q2 = tree_sum<BA>(db), q3 = tree_sum<BA>(dd);
+                if constexpr (LC == 1) {
+                    sm.part[PR][tt][i] = q0 * sc_r;
+                    sm.part[PK][tt][i] = q1 * sc_kb;
+                    sm.part[PB][tt][i] = q2 * sc_kb;
+                    sm.part[PW][tt][i] = q3 * sc_w;
+                } else {
+                    float o0, o1;
+                    reduce4<LC>(q0, q1, q2, q3, p, o0, o1);
+                    // quantity index 0 dr, 1 dk, 2 db, 3 dw (the part slots in that order)
+                    const int qa = reduce4_qidx<LC>(p);
+                    const float sca = qa == 0 ? sc_r : qa == 3 ? sc_w : sc_kb;
+                    if (LC == 2 || p < 4) sm.part[qa][tt][i] = o0 * sca;
+                    if (LC == 2) sm.part[qa + 1][tt][i] = o1 * (qa == 0 ? sc_kb : sc_w);
+                }
+            }
+            __syncthreads();  // dsa of every block row is visible
+            if (tt == CH - 1 && c > 0) issue_ckpt(c - 1);  // every thread has read sm.ck (before the barrier)
+            // ---- after d(sa): da, and dS column <- dS column * decay_i + dsa a_i
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 ds = ld4(sm.dsa[tt & 1], p, q, LC);
+                const float dsx[4] = {ds.x, ds.y, ds.z, ds.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int m = 4 * q + e;
+                    da[e % BA] = fmaf(St[m], dsx[e], da[e % BA]);
+                    if constexpr (FOLD) X[m] = fmaf(dsx[e], a_i, X[m]);
+                    else X[m] = fmaf(X[m], d_i, dsx[e] * a_i);
+                }
+            }
+            const float dat = row_allreduce<LC>(tree_sum<BA>(da));
+            if (p == LC - 1) sm.part[PA][tt][i] = dat * sc_a;
+        }
+        if constexpr (FOLD) {  // back to the true dS = X Pc (both copies, the same factor per key column)
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 pv = ld4(sm.pc, pc, q, NL);
+                const float px[4] = {pv.x, pv.y, pv.z, pv.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    X[4 * q + e] *= pcol;
+                    Y[4 * q + e] *= px[e];
+                }
+            }
+        }
+        copy_async_wait_all();  // chunk c-1 (inputs and checkpoint rows) has long arrived
+        cluster_arrive();       // every block's partials of chunk c are complete (also a block barrier)
+        cluster_wait();
+        // key channels rank*OUTC..: sum of the S blocks' partials in rank order, bf16 out
+        for (int x = tid; x < NPART * CH * OUTC / 8; x += NT) {
+            const int o = x / (CH * OUTC / 8), tt = (x / (OUTC / 8)) % CH, c8 = (int)rank * OUTC + (x % (OUTC / 8)) * 8;
+            float acc[8];
+#pragma unroll
+            for (int sr = 0; sr < S; ++sr) {
+                const float* src = sr == (int)rank ? &sm.part[o][tt][c8] : cluster_map(&sm.part[o][tt][c8], sr);
+                const float4 lo = reinterpret_cast<const float4*>(src)[0], hi = reinterpret_cast<const float4*>(src)[1];
+                const float f[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                for (int m = 0; m < 8; ++m) acc[m] = sr == 0 ? f[m] : acc[m] + f[m];
+            }
+            uint4 packed;
+            __nv_bfloat162* h2 = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+            for (int m = 0; m < 4; ++m) h2[m] = __floats2bfloat162_rn(acc[2 * m], acc[2 * m + 1]);
+            bf16* dst = o == PR ? dr_ : o == PK ? dk_ : o == PB ? db_ : o == PW ? dw_ : da_;
+            *reinterpret_cast<uint4*>(dst + gofs(c, tt) + c8) = packed;
+        }
+        for (int x = tid; x < CH * RB / 8; x += NT) {  // dv of the block's rows
+            const int tt = x / (RB / 8), c8 = (x % (RB / 8)) * 8;
+            *reinterpret_cast<uint4*>(dv_ + gofs(c, tt) + row0 + c8) = *reinterpret_cast<const uint4*>(&sm.dvout[tt][c8]);
+        }
+        if (c > 0) convert();
+        cluster_arrive();  // this block is done reading the other blocks' partials
+        __syncthreads();   // kin / vin / pc ready; dvout read out
+    }
+    cluster_wait();  // no block leaves while another may still read its shared memory
+    // gradient of the initial state: the block's rows of dS after step 0
+    float* ds0 = ds0_ + (size_t)bh * N * N + (row0 + il) * N;
+#pragma unroll
+    for (int q = 0; q < NQ; ++q)
+        *reinterpret_cast<float4*>(ds0 + col_of(pc, q, 0, NL)) =
+            make_float4(Y[4 * q], Y[4 * q + 1], Y[4 * q + 2], Y[4 * q + 3]);
+}
+
 // Run `setup` (kernel attributes) once per device and kernel: not on every launch, so nothing but the launch itself
 // happens while a CUDA graph is being captured after the first call. Devices beyond 64 fall back to every launch.
 template <typename F>
@@ -1085,11 +1491,57 @@ cudaError_t launch_bwd2(int B, int T, int H, const void* r, const void* w, const
     return cudaGetLastError();
 }
 
+template <int S, int LC, bool FOLD>
+cudaError_t launch_bwd_cluster(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
+                               const void* a, const void* b, const void* dy, const float* ckpt, const float* sa,
+                               const float* dsT, void* dr, void* dw, void* dk, void* dv, void* da, void* db,
+                               float* ds0, cudaStream_t stream) {
+    using C = BwdClusterCfg<S, LC>;
+    const long long grid = (long long)B * H * S;
+    if (grid > INT_MAX) return cudaErrorInvalidValue;
+    const int smem = (int)sizeof(BwdClusterSmem<C::RB>);
+    auto kernel = wkv7_bwd_cluster_kernel<S, LC, FOLD>;
+    static std::atomic<unsigned long long> ready{0};
+    cudaError_t err = once_per_device(ready, [&] {
+        // clusters need a device of compute capability >= 9.0 and device code built for it (not older PTX JIT-ed)
+        int dev = 0, cluster = 0;
+        cudaError_t e = cudaGetDevice(&dev);
+        if (e == cudaSuccess) e = cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, dev);
+        if (e != cudaSuccess) return e;
+        cudaFuncAttributes fa;
+        e = cudaFuncGetAttributes(&fa, kernel);
+        if (e != cudaSuccess) return e;
+        if (!cluster || fa.ptxVersion < 90 || fa.binaryVersion < 90) return cudaErrorNotSupported;
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return e;
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    (int)cudaSharedmemCarveoutMaxShared);
+    });
+    if (err != cudaSuccess) return err;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid, 1, 1);
+    cfg.blockDim = dim3(C::NT, 1, 1);
+    cfg.dynamicSmemBytes = (size_t)smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = S;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, T, H, (const bf16*)r, (const bf16*)w, (const bf16*)k, (const bf16*)v,
+                              (const bf16*)a, (const bf16*)b, (const bf16*)dy, ckpt, sa, dsT, (bf16*)dr, (bf16*)dw,
+                              (bf16*)dk, (bf16*)dv, (bf16*)da, (bf16*)db, ds0);
+}
+
 }  // namespace
 
 // Entry points for the binding (wkv7_op.cpp). Forward layout code: 2, 4, 8 = LC threads per single row; 24, 28, 48 =
 // R rows (first digit) per group of LC threads (second digit); 100*S + 10*R + LC = the row-split kernel. Backward: the
-// same codes below 100; 100 + 10*R + LC = the cp.async-staged kernel. Unknown codes: cudaErrorInvalidValue.
+// same codes below 100; 100 + 10*R + LC = the cp.async-staged kernel; 200 + 10*R + LC = the 2-block cluster kernel.
+// + 1000: decay folded. Unknown codes: cudaErrorInvalidValue; cluster codes without cluster support:
+// cudaErrorNotSupported.
 cudaError_t wkv7_forward_cuda(int lanes, int B, int T, int H, const void* r, const void* w, const void* k,
                               const void* v, const void* a, const void* b, const float* s0, void* y, float* ckpt,
                               float* sa, bool save_all, cudaStream_t stream) {
@@ -1130,6 +1582,15 @@ cudaError_t wkv7_backward_cuda(int lanes, int B, int T, int H, const void* r, co
                                       stream);
         WKV7_BWD2_CASE(112, 1, 2) WKV7_BWD2_CASE(114, 1, 4) WKV7_BWD2_CASE(124, 2, 4) WKV7_BWD2_CASE(128, 2, 8)
 #undef WKV7_BWD2_CASE
+#define WKV7_BWD_CLUSTER_CASE(code, S, LC)                                                                        \
+        case code:                                                                                                \
+            return launch_bwd_cluster<S, LC, false>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, dr, dw, dk, dv, \
+                                                    da, db, ds0, stream);                                         \
+        case 1000 + code:                                                                                         \
+            return launch_bwd_cluster<S, LC, true>(B, T, H, r, w, k, v, a, b, dy, ckpt, sa, dsT, dr, dw, dk, dv,  \
+                                                   da, db, ds0, stream);
+        WKV7_BWD_CLUSTER_CASE(211, 2, 1) WKV7_BWD_CLUSTER_CASE(212, 2, 2) WKV7_BWD_CLUSTER_CASE(214, 2, 4)
+#undef WKV7_BWD_CLUSTER_CASE
         default: return cudaErrorInvalidValue;
     }
 }

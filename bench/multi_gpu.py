@@ -1,0 +1,72 @@
+"""Two GPUs of one host against one (issues 7 and 8): same global batch → same loss curve; throughput scaling.
+
+    python bench/multi_gpu.py --data PREFIX [--devices 2] [--steps 100]
+
+Runs recipe 0.1b-short (DeepSpeed stage 2, bf16, grad_cp 1, ctx 512) through `entrypoint.py train`:
+  1. one GPU, micro_bsz 16 (global batch 16), --steps steps;
+  2. --devices GPUs, micro_bsz 16/devices (the same global batch and samples), the same steps: per-step losses must
+     agree with run 1 within 0.02;
+  3. --devices GPUs at micro_bsz 16 each (weak scaling): tokens/s against run 1;
+  4. 1.5b (L24 D2048) on --devices GPUs at micro_bsz 16, a few steps: tokens/s, MFU, peak memory.
+Prints a JSON summary and a table; writes multi_gpu.json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(out: Path, data: str, steps: int, devices: int, micro: int, extra=()) -> dict:
+    cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "0.1b-short", "--out", str(out),
+           "--fresh", "--no-check", "--no-progress", "--set", f"data.path={data}", f"train.epoch_steps={steps}",
+           "train.epoch_count=1", "train.epoch_save=1000", f"train.devices={devices}", f"train.micro_bsz={micro}",
+           *extra]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+    (out.parent / f"{out.name}.log").write_text(p.stdout + p.stderr)
+    if p.returncode:
+        return {"error": f"exit {p.returncode}", "tail": (p.stdout + p.stderr)[-1500:]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warm = [r for r in rows[len(rows) // 3:] if r.get("tokens_per_s")]
+    return {"losses": [r["loss"] for r in rows], "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in warm)),
+            "mfu": statistics.median(r.get("mfu", 0) for r in warm),
+            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--out", default="/tmp/rwkv7-multi-gpu")
+    args = ap.parse_args()
+    out, n = Path(args.out), args.devices
+    out.mkdir(parents=True, exist_ok=True)
+    one = train(out / "gpu1", args.data, args.steps, 1, 16)
+    same = train(out / f"gpu{n}-same-batch", args.data, args.steps, n, 16 // n)
+    weak = train(out / f"gpu{n}-weak", args.data, 40, n, 16)
+    big = train(out / f"gpu{n}-1.5b", args.data, 20, n, 16, ["model.n_layer=24", "model.n_embd=2048"])
+    res = {"devices": n, "runs": {"1 GPU micro 16": one, f"{n} GPUs micro {16 // n}": same,
+                                  f"{n} GPUs micro 16": weak, f"1.5b {n} GPUs micro 16": big}}
+    if "losses" in one and "losses" in same:
+        d = [abs(a - b) for a, b in zip(one["losses"], same["losses"])]
+        res["same_batch_max_step_delta"] = max(d)
+        res["same_batch_mean_step_delta"] = sum(d) / len(d)
+        res["same_batch_ok"] = max(d) <= 0.02 and len(d) == args.steps
+    if "tokens_per_s" in one and "tokens_per_s" in weak:
+        res["weak_scaling_efficiency"] = round(weak["tokens_per_s"] / (n * one["tokens_per_s"]), 3)
+    (out / "multi_gpu.json").write_text(json.dumps(res, indent=1))
+    for r in res["runs"].values():
+        r.pop("losses", None)
+    print(json.dumps(res, indent=1))
+    return 0 if res.get("same_batch_ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
