@@ -68,7 +68,7 @@ class TrainConfig:
     epoch_count: int = 0         # mini-epochs to train in total; 0: until my_exit_tokens, as the official trainer
     epoch_steps: int = 0         # steps per mini-epoch; 0: the official 40320 // real_bsz
     precision: str = "bf16"      # bf16 (DeepSpeed, GPU) | fp32
-    strategy: str = "deepspeed_stage_2"  # or single (one GPU, no DeepSpeed), deepspeed_stage_3, *_offload, auto
+    strategy: str = "deepspeed_stage_2"  # or single (one GPU, no DeepSpeed), *_offload, auto (see resolve_strategy)
     accelerator: str = "gpu"     # gpu | cpu
     devices: int = 1
     num_nodes: int = 1
@@ -229,8 +229,16 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple = ()) -> Recipe:
         overridden.add(f"{section}.{key}")
     if "data.path" in overridden and "data.source" not in overridden and recipe.data.source == "hub":
         recipe.data.source = "binidx"  # `--set data.path=PREFIX` means: train on this local data instead
+    resolve_strategy(recipe.train)
     validate(recipe)
     return recipe
+
+
+def resolve_strategy(t: "TrainConfig") -> None:
+    """strategy auto on GPUs: `single` on one GPU in bf16 (the fastest path: pure bf16 + fp32 masters, one CUDA graph
+    per step), DeepSpeed stage 2 on several. On CPUs auto stays auto (plain Lightning, DDP over gloo)."""
+    if t.strategy == "auto" and t.accelerator == "gpu":
+        t.strategy = "single" if t.devices * t.num_nodes == 1 and t.precision == "bf16" else "deepspeed_stage_2"
 
 
 def validate(r: Recipe) -> None:

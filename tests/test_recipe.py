@@ -20,9 +20,19 @@ def test_official_demo_values():
     assert (m.n_layer, m.n_embd, m.vocab_size, m.head_size) == (12, 768, 65536, 64)
     assert (t.ctx_len, t.micro_bsz, t.lr_init, t.lr_final, t.warmup_steps) == (512, 16, 6e-4, 6e-5, 10)
     assert (t.beta1, t.beta2, t.adam_eps, t.weight_decay, t.grad_cp) == (0.9, 0.99, 1e-18, 0.001, 1)
-    assert (t.precision, t.strategy, d.magic_prime, d.my_exit_tokens) == ("bf16", "deepspeed_stage_2", 2926181,
-                                                                          1498226207)
+    assert (t.precision, t.strategy, d.magic_prime, d.my_exit_tokens) == ("bf16", "single", 2926181, 1498226207)
     assert r.epoch_steps == 2520 and r.tokens_per_step == 8192
+
+
+def test_auto_strategy_resolves_by_gpu_count():
+    """strategy auto: one GPU in bf16 -> single (the fast path), several GPUs or nodes -> DeepSpeed stage 2 (the
+    official setup); CPU runs keep auto. An explicit strategy is never changed."""
+    assert load_recipe("0.1b").train.strategy == "single"
+    assert load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8"]).train.strategy == "deepspeed_stage_2"
+    assert load_recipe("0.1b", ["train.num_nodes=2", "train.micro_bsz=8"]).train.strategy == "deepspeed_stage_2"
+    assert load_recipe("0.1b", ["train.strategy=deepspeed_stage_2"]).train.strategy == "deepspeed_stage_2"
+    assert load_recipe("0.1b-short").train.strategy == "deepspeed_stage_2"
+    assert load_recipe("tiny").train.strategy == "auto"
 
 
 def test_overrides_are_typed():

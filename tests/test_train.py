@@ -176,6 +176,10 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     assert sorted(a) == sorted(b) == [0, 1]
     for e in a:
         assert abs(a[e] - b[e]) < 1e-4, (e, a[e], b[e])
+    # metrics.jsonl holds the global batch's loss every step (the mean over ranks), not rank 0's half batch
+    per_step = [[json.loads(ln)["loss"] for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert len(per_step[0]) == len(per_step[1]) == 10
+    assert max(abs(x - y) for x, y in zip(*per_step)) < 1e-4, per_step
     header_lines = [ln for ln in (two / "train_log.txt").read_text().splitlines() if ln.startswith("NEW RUN")]
     assert len(header_lines) == 1  # only rank 0 writes the run folder
 

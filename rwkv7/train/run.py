@@ -133,6 +133,10 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             skipped = not isinstance(outputs, dict) or pl_module.skipped
             pl_module.skipped = False
             loss = None if skipped else outputs["loss"].detach()
+            if loss is not None and trainer.world_size > 1:
+                # the global batch's loss (mean over ranks) for metrics.jsonl; on GPUs the all-reduce is queued on
+                # the device and read one step late like the loss itself, so the host does not wait for it
+                loss = trainer.strategy.reduce(loss.clone(), reduce_op="mean")
             state.step += 1
             norm = getattr(trainer.optimizers[0], "last_grad_norm", None)
             self.pending.append((state.step, loss, self.lr, pl_module.last_grad_norm if norm is None else norm))
