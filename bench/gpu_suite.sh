@@ -4,12 +4,13 @@
 # record the 0.1b-short expected log on the stand-in corpus, and time generation. Prints a table per stage.
 #   STAGES="kernel train golden parity generate" DATA=PREFIX bash bench/gpu_suite.sh
 # More stages: aot (ahead-of-time build timed, then the time to the first training step with an empty JIT cache),
-# resume (bench/gpu_resume.py: SIGKILL mid-run, resume, compare with the golden run), compile (train.compile=1).
+# resume (bench/gpu_resume.py: SIGKILL mid-run, resume, compare with the golden run), compile (train.compile=1),
+# gputests (tests/test_train_gpu.py), multigpu (bench/multi_gpu.py, DEVICES=2 GPUs against one).
 # DATA: a World-tokenized binidx prefix (the stand-in corpus, or minipile). Outputs go to $OUT (default /tmp/gpu-suite).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-/tmp/gpu-suite}; mkdir -p "$OUT"
-STAGES=${STAGES:-"kernel train golden parity generate"}  # run in this order; parity is the slowest
+STAGES=${STAGES:-"kernel gputests train golden parity generate"}  # run in this order
 DATA=${DATA:-.standin/standin}
 if [ -d .whl ] && ! python3 -c "import pytorch_lightning, deepspeed" 2>/dev/null; then
   # keep the machine's own pytest (and its plugins): an older carried pytest breaks e.g. pytest-timeout
@@ -45,6 +46,9 @@ PY
 fi
 if has kernel; then stage kernel; OUT=$OUT/kernel bash bench/gpu_kernel_suite.sh 2>&1 | tail -40; else
   python3 kernels/build.py > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }; fi
+if has gputests; then stage gputests  # the CUDA-graph training path against the eager one, end to end and resumed
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tail -15; fi
+if has multigpu; then stage multigpu; python3 bench/multi_gpu.py --data "$DATA" --devices ${DEVICES:-2} 2>&1 | tail -40; fi
 if has train; then stage train; python3 bench/train_bench.py --data "$DATA" --quick --json "$OUT/train_bench.json" ${TRAIN_ARGS:-} 2>&1 | tail -14; fi
 if has golden; then stage golden
   python3 entrypoint.py train --recipe 0.1b-short --out /tmp/golden --fresh --no-progress --set data.path="$DATA" 2>&1 | tail -8
