@@ -1,13 +1,16 @@
 """What fits, and how fast: memory per GPU for each strategy, measured throughput, time to finish a recipe.
 
 Memory model (bytes; P parameters, n = micro_bsz x ctx_len tokens per GPU, C, L, V):
-  weights and optimizer, per parameter: single 2 (bf16) + 4 (fp32 master) + 8 (Adam m, v) + 4 (fp32 master grad)
-    + 2 (bf16 grad); ZeRO-2: 2 + 2 + 16/N (+ two buckets); ZeRO-3: 20/N (+ buckets); *_offload moves the 16/N
-    (stage 3: 20/N, keeping 4/N on the GPU) to host memory.
-  loss head: bf16 logits and their gradient (n V 4) + one fp32 chunk of the fused loss (2048 V 4).
+  weights and optimizer, per parameter: single 2 (bf16) + 2 (bf16 grad) + 4 (fp32 master) + 8 (Adam m, v) during
+    forward/backward, and 4 more (fp32 master grads) only inside the optimizer step, when activations are gone;
+    ZeRO-2: 4 + 12/N (+ two buckets), fitted to the measured peak; ZeRO-3: 16/N (+ buckets); *_offload moves the
+    12/N (stage 3: 16/N, keeping 4/N on the GPU) to host memory.
+  loss head: the bf16 logits (their gradient is written into them: n V 2) + one fp32 chunk of the fused loss
+    (1024 V 4).
   activations: grad_cp 1 keeps each block's inputs (x, v_first: 4 n C per layer) and rebuilds one block at a time
-    (A n C); grad_cp 0 keeps every block's (L A n C). A = 108 bytes per channel per token, fitted to the 0.1b
-    H200 measurements in MEASURED (docs/PERFORMANCE.md); tests/test_plan.py checks the model against them.
+    (A n C, not at the same time as the head); grad_cp 0 keeps every block's (L A n C). A = 80 bytes per channel per
+    token, fitted to the 0.1b H200 measurements in MEASURED (docs/PERFORMANCE.md); tests/test_plan.py checks the
+    model against them.
 These are estimates: allocator fragmentation, CUDA context (~0.5 GiB) and DeepSpeed's own buffers come on top.
 """
 from __future__ import annotations
@@ -17,17 +20,19 @@ from dataclasses import dataclass
 from rwkv7.recipe import Recipe
 
 GIB = 2 ** 30
-ACT_BYTES_PER_CHANNEL = 108
-LOSS_CHUNK_ROWS = 2048
+ACT_BYTES_PER_CHANNEL = 80
+LOSS_CHUNK_ROWS = 1024  # rwkv7.train.module.CrossEntropyL2Wrap.CHUNK
 STRATEGIES = ("single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
               "deepspeed_stage_3_offload")
 
-# Measured on one H200, 2026-11-26, bench/train_bench.py (docs/PERFORMANCE.md): (L, C, strategy, grad_cp) ->
-# (tokens/s, peak GiB). 0.4b/1.5b were taken before the fused loss (their peaks include an fp32 copy of the logits).
+# Measured on one H200 with bench/train_bench.py (docs/PERFORMANCE.md): (L, C, strategy, grad_cp) -> (tokens/s,
+# peak allocated GiB). 0.1b: 2026-11-27 (run 3). single cp1: tok/s with the CUDA graph, peak of the eager path (the
+# graph's capture peaked lower, at 3.71 GiB); single cp0: the CUDA graph. 0.4b/1.5b: 2026-11-26, before the fused
+# loss (no peak kept).
 MEASURED_H200 = {
-    (12, 768, "single", 1): (51_568, 6.749),
-    (12, 768, "single", 0): (106_990, 13.432),
-    (12, 768, "deepspeed_stage_2", 1): (37_493, 6.742),
+    (12, 768, "single", 1): (99_549, 4.25),
+    (12, 768, "single", 0): (118_340, 9.50),
+    (12, 768, "deepspeed_stage_2", 1): (25_752, 4.24),
     (12, 768, "deepspeed_stage_2", 0): (46_020, None),
     (24, 1024, "deepspeed_stage_2", 1): (14_685, None),
     (24, 2048, "deepspeed_stage_2", 1): (14_046, None),
@@ -61,20 +66,21 @@ def memory(recipe: Recipe, strategy: str, gpus: int, grad_cp: int, params: int) 
     n = t.micro_bsz * t.ctx_len
     buckets = 2 * t.ds_bucket_mb * 1e6
     host = 0.0
+    step = 0.0  # extra bytes only inside the optimizer step (activations freed by then)
     if strategy == "single":
-        weights = 20 * P
+        weights, step = 16 * P, 4 * P
     elif strategy == "deepspeed_stage_2":
-        weights = 4 * P + 16 * P / N + buckets
+        weights = 4 * P + 12 * P / N + buckets
     elif strategy == "deepspeed_stage_2_offload":
-        weights, host = 4 * P + buckets, 16 * P / N
+        weights, host = 4 * P + buckets, 12 * P / N
     elif strategy == "deepspeed_stage_3":
-        weights = 20 * P / N + buckets
+        weights = 16 * P / N + buckets
     else:  # deepspeed_stage_3_offload
-        weights, host = 4 * P / N + buckets, 16 * P / N
-    head = n * V * 4 + LOSS_CHUNK_ROWS * V * 4
+        weights, host = 4 * P / N + buckets, 12 * P / N
+    head = n * V * 2 + LOSS_CHUNK_ROWS * V * 4
     block = ACT_BYTES_PER_CHANNEL * n * C
-    acts = L * 4 * n * C + block if grad_cp else L * block
-    return (weights + head + acts) / GIB, host / GIB
+    work = L * 4 * n * C + max(head, block) if grad_cp else L * block + head
+    return max(weights + work, weights + step) / GIB, host / GIB
 
 
 def plan(recipe: Recipe, gpus: int, gpu_gib: float, host_gib: float | None = None) -> list[Estimate]:

@@ -27,7 +27,7 @@ def test_sharding_and_offload_move_memory_where_they_should():
 
 def test_recommendation_prefers_the_fastest_measured_fit_and_reports_no_fit():
     assert recommend(plan(load_recipe("0.1b"), 1, 80.0)).strategy == "single"
-    assert recommend(plan(load_recipe("0.1b"), 1, 5.0)).strategy.endswith("offload")
+    assert recommend(plan(load_recipe("0.1b"), 1, 4.0)).strategy.endswith("offload")
     assert recommend(plan(load_recipe("3b"), 1, 4.0, host_gib=1.0)) is None
 
 
