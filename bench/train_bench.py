@@ -66,6 +66,7 @@ def main() -> int:
                                                           "train.compile=1"]),
             ("0.1b-ds-cp1-compile", "0.1b-short", n, ["train.compile=1"]),
             ("0.4b-ds-cp1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=1024"]),
+            ("0.4b-single-cp1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=1024", "train.strategy=single"]),
             ("1.5b-ds-cp1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048"]),
             ("1.5b-single-cp1", "0.1b-short", 20, ["model.n_layer=24", "model.n_embd=2048",
                                                           "train.strategy=single"])]
