@@ -1,7 +1,7 @@
 """rwkv7 plan: the memory model against measured peaks, the strategy choice, the CLI."""
 import pytest
 
-from rwkv7.plan import MEASURED_H200, count_parameters, memory, plan, recommend
+from rwkv7.plan import MEASURED_H200, MEASURED_PEAKS_MULTI_GPU, count_parameters, memory, plan, recommend
 from rwkv7.recipe import load_recipe
 
 
@@ -11,6 +11,16 @@ def test_memory_estimate_within_15_percent_of_measured_peak(key):
     r = load_recipe("0.1b", [f"model.n_layer={L}", f"model.n_embd={C}"])
     est, _ = memory(r, strategy, 1, grad_cp, count_parameters(r))
     measured = MEASURED_H200[key][1]
+    assert abs(est / measured - 1) <= 0.15, (key, est, measured)
+
+
+@pytest.mark.parametrize("key", list(MEASURED_PEAKS_MULTI_GPU))
+def test_memory_estimate_within_15_percent_on_several_gpus(key):
+    L, C, strategy, gpus, micro = key
+    r = load_recipe("0.1b-short", [f"model.n_layer={L}", f"model.n_embd={C}", f"train.micro_bsz={micro}",
+                                   f"train.devices={gpus}"])
+    est, _ = memory(r, strategy, gpus, 1, count_parameters(r))
+    measured = MEASURED_PEAKS_MULTI_GPU[key]
     assert abs(est / measured - 1) <= 0.15, (key, est, measured)
 
 
