@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # the tiny recipe (generated corpus) moved to the GPU path: bf16, strategy single, grad_cp on
 GPU_TINY = ["train.accelerator=gpu", "train.precision=bf16", "train.strategy=single", "train.grad_cp=1",
