@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from train_runs import metric_rows, train as train_run
+
 LIMIT = 0.02
 
 
@@ -28,14 +27,11 @@ SMALL = ("model.n_layer=4", "model.n_embd=256")
 
 
 def train(out: Path, data: str, steps: int, backend: str, extra=(), strategy="single") -> list[float]:
-    cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "0.1b-short", "--out", str(out),
-           "--fresh", "--no-check", "--no-progress", "--set", f"data.path={data}", f"train.epoch_steps={steps}",
-           "train.epoch_count=1", "train.epoch_save=1000", "train.grad_cp=0", f"train.strategy={strategy}", *extra]
-    env = {**os.environ, "RWKV7_WKV_BACKEND": backend, "WANDB_MODE": "disabled"}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    p = train_run(out, "train.grad_cp=0", f"train.strategy={strategy}", *extra, data=data, steps=steps,
+                  env={"RWKV7_WKV_BACKEND": backend})
     if p.returncode:
         raise SystemExit(f"{backend} run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in metric_rows(out)]
 
 
 def main() -> int:

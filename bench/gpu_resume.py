@@ -12,30 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from train_runs import ROOT, metric_rows, train as train_run
+
 sys.path.insert(0, str(ROOT))
 
 
 def train(out: Path, data: str, fault: str | None = None, fresh: bool = False) -> int:
-    cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "0.1b-short", "--out", str(out),
-           "--no-check", "--no-progress", "--set", f"data.path={data}"] + (["--fresh"] if fresh else [])
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    env.pop("RWKV7_TEST_FAULT", None)
-    if fault:
-        env["RWKV7_TEST_FAULT"] = fault
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    (out.parent / f"{out.name}-{'killed' if fault else 'run'}.log").write_text(p.stdout + p.stderr)
-    return p.returncode
+    return train_run(out, data=data, fresh=fresh, env={"RWKV7_TEST_FAULT": fault or ""}).returncode
 
 
 def step_losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in metric_rows(run)}
 
 
 def main() -> int:
@@ -52,7 +42,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not (ref / "train_log.txt").is_file():
         if train(ref, args.data, fresh=True):
-            raise SystemExit(f"the reference run failed: see {ref.parent / (ref.name + '-run.log')}")
+            raise SystemExit(f"the reference run failed: see {ref}.log")
     run = out / "run"
     rc_killed = train(run, args.data, fault=f"kill@{args.kill_at}", fresh=True)
     rc_resumed = train(run, args.data)
@@ -67,7 +57,7 @@ def main() -> int:
               "max_epoch_delta": max((abs(a[e] - b[e]) for e in epochs), default=None), "tolerance": tol,
               "steps_after_kill": len(after),
               "max_step_delta_after_kill": max((abs(ds[s] - dr[s]) for s in after), default=None),
-              "resume_message": next((ln for ln in (out / "run-run.log").read_text().splitlines()
+              "resume_message": next((ln for ln in Path(f"{run}.log").read_text().splitlines()
                                       if ln.startswith("resuming")), None)}
     result["ok"] = (rc_killed == -9 or rc_killed == 137) and rc_resumed == 0 and len(epochs) == len(a) \
         and result["max_epoch_delta"] is not None and result["max_epoch_delta"] <= tol

@@ -55,7 +55,7 @@ if has golden; then stage golden
   cp /tmp/golden/train_log.txt "$OUT/0.1b-short-standin.log"; cp /tmp/golden/metrics.jsonl "$OUT/golden-metrics.jsonl"
 fi
 if has resume; then stage resume; python3 bench/gpu_resume.py --data "$DATA" --reference /tmp/golden 2>&1 | tail -30
-  cp /tmp/rwkv7-resume/resume.json "$OUT/" 2>/dev/null; tail -5 /tmp/rwkv7-resume/run-*.log > "$OUT/resume-tail.txt" 2>&1; fi
+  cp /tmp/rwkv7-resume/resume.json "$OUT/" 2>/dev/null; tail -5 /tmp/rwkv7-resume/run.log > "$OUT/resume-tail.txt" 2>&1; fi
 if has compile; then stage compile
   python3 entrypoint.py train --recipe 0.1b-short --out /tmp/compiled --fresh --no-progress --no-check --set data.path="$DATA" \
     train.strategy=single train.compile=1 train.epoch_steps=30 train.epoch_count=1 > "$OUT/compile.log" 2>&1; echo "compile rc=$?"

@@ -14,29 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from train_runs import metric_rows, throughput, train as train_run
 
 
 def train(out: Path, data: str, steps: int, devices: int, micro: int, extra=()) -> dict:
-    cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "0.1b-short", "--out", str(out),
-           "--fresh", "--no-check", "--no-progress", "--set", f"data.path={data}", f"train.epoch_steps={steps}",
-           "train.epoch_count=1", "train.epoch_save=1000", f"train.devices={devices}", f"train.micro_bsz={micro}",
-           *extra]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
-    (out.parent / f"{out.name}.log").write_text(p.stdout + p.stderr)
+    p = train_run(out, f"train.devices={devices}", f"train.micro_bsz={micro}", *extra, data=data, steps=steps)
     if p.returncode:
         return {"error": f"exit {p.returncode}", "tail": (p.stdout + p.stderr)[-1500:]}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    warm = [r for r in rows[len(rows) // 3:] if r.get("tokens_per_s")]
-    return {"losses": [r["loss"] for r in rows], "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in warm)),
-            "mfu": statistics.median(r.get("mfu", 0) for r in warm),
-            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows)}
+    rows = metric_rows(out)
+    return {"losses": [r["loss"] for r in rows], **throughput(rows)}
 
 
 def main() -> int:

@@ -10,39 +10,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from train_runs import ROOT, metric_rows, throughput, train as train_run
 
 
 def run(name: str, recipe: str, data: str, steps: int, out_root: Path, extra: list[str], profile=False) -> dict:
     out = out_root / name
-    cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", recipe, "--out", str(out), "--fresh",
-           "--no-check", "--no-progress", "--set", f"data.path={data}", f"train.epoch_steps={steps}",
-           "train.epoch_count=1", "train.epoch_save=1000", *extra]
     t0 = time.time()
-    env = {**os.environ, "RWKV7_PROFILE_STEP": "20"} if profile else None
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    p = train_run(out, *extra, data=data, recipe=recipe, steps=steps,
+                  env={"RWKV7_PROFILE_STEP": "20"} if profile else None)
     wall = time.time() - t0
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-5000:], sep="\n")
         return {"name": name, "error": f"exit {p.returncode}", "wall_s": round(wall, 1)}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    warm = [r for r in rows[len(rows) // 3:] if r.get("tokens_per_s")]  # skip warm-up (compile, allocator)
-    tok_s = statistics.median(r["tokens_per_s"] for r in warm)
+    rows = metric_rows(out)
     tokens_per_step = rows[0].get("tokens_per_step") or 0
-    res = {"name": name, "steps": len(rows), "tokens_per_s": round(tok_s), "wall_s": round(wall, 1),
-           "mfu": statistics.median(r.get("mfu", 0) for r in warm),
-           "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows),
-           "peak_reserved_gib": max(r.get("peak_reserved_gib", 0) for r in rows),
+    res = {"name": name, "steps": len(rows), "wall_s": round(wall, 1), **throughput(rows),
            "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
     if tokens_per_step:
-        res["ms_per_step"] = round(1000 * tokens_per_step / tok_s, 1)
+        res["ms_per_step"] = round(1000 * tokens_per_step / res["tokens_per_s"], 1)
     return res
 
 
