@@ -62,6 +62,7 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
+        self.wkv_recompute = False  # set on compiled, checkpointed copies (rwkv7.model.compiled_block)
 
     def forward(self, x, v_first, state=None):
         """x: [B, T, C]. `state` (generation only) = (last token of the previous chunk [B, C], wkv state)."""
@@ -87,7 +88,8 @@ class TimeMix(nn.Module):
         k = k * (1 + (a - 1) * self.k_a)
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         out = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
-                   state=None if state is None else state[1], return_state=state is not None)
+                   state=None if state is None else state[1], return_state=state is not None,
+                   recompute=self.wkv_recompute)
         y, wkv_state = out if state is not None else (out, None)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
@@ -133,6 +135,57 @@ class Block(nn.Module):
         return x, v_first, (None if state is None else (att_state, ffn_state))
 
 
+RECOMPUTE_MODES = ("full", "selective")
+# Ops whose outputs selective recomputation keeps: the matmuls (recomputing them would cost a third more matmul work)
+_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+               torch.ops.aten.linear.default, torch.ops.aten.matmul.default}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _MATMUL_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def compiled_block(template: "Block", recompute: str | None, backend: str = "inductor"):
+    """f(block, x, v_first) -> (x, v_first): `template`'s forward compiled as a function of the parameters, so one
+    compiled graph serves every block of the template's kind (layer 0, which has ln0 and sets v_first, and the rest),
+    whichever block's parameters are passed. recompute None: keep what the compiler's partitioner keeps; "full" or
+    "selective": see RWKV7.compile_blocks. The parameters enter the graph flattened to 1-D where they are [1, 1, C]:
+    torch 2.11's compiled backward returned their gradients as [C] and failed autograd's shape check ("got [768] but
+    expected shape compatible with [1, 1, 768]"); the eager view outside the graph reshapes the gradient."""
+    import copy
+    import functools
+
+    from torch.func import functional_call
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    template = copy.deepcopy(template).to("meta")  # structure only: every call supplies the parameters
+    template.att.wkv_recompute = recompute is not None
+    names = [n for n, _ in template.named_parameters()]
+    shapes = [p.shape for _, p in template.named_parameters()]
+
+    def run(flat, x, v_first):
+        params = {n: t.view(shape) for n, t, shape in zip(names, flat, shapes)}
+        y, v, _ = functional_call(template, params, (x, v_first))
+        return y, v
+
+    if recompute == "full":
+        body = lambda flat, x, v: checkpoint(run, flat, x, v, use_reentrant=False)  # noqa: E731
+    elif recompute == "selective":
+        context = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
+        body = lambda flat, x, v: checkpoint(run, flat, x, v, use_reentrant=False, context_fn=context)  # noqa: E731
+    else:
+        body = run
+    fn = torch.compile(body, backend=backend)
+
+    def call(block, x, v_first):
+        flat = [p.view(-1) if p.dim() == 3 else p for p in block.parameters()]
+        return fn(flat, x, v_first)
+
+    return call
+
+
 class RWKV7(nn.Module):
     """model(idx [B, T] long) -> logits [B, T, V]."""
 
@@ -145,31 +198,46 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(shape.n_embd)
         self.head = nn.Linear(shape.n_embd, shape.vocab_size, bias=False)
 
-    def compile_blocks(self, backend: str = "inductor") -> None:
-        """torch.compile each block (fuses the many small elementwise ops; the wkv7 CUDA op stays opaque).
-        With grad_cp the compiled function is the checkpointed block, so torch.compile sees the checkpoint and
-        recomputes with the same graph (a compiled block inside checkpoint can run a different graph in the
-        recompute and fail checkpoint's metadata check, as seen on torch 2.11). The compiled wrappers are kept
-        outside the module tree, so parameter names do not change."""
-        def checkpointed(block):
-            return lambda x, v_first: checkpoint(block, x, v_first, use_reentrant=False)
+    def compile_blocks(self, recompute: str = "selective", backend: str = "inductor") -> None:
+        """torch.compile the blocks: the per-layer elementwise chains (token shift and mixes, LoRA activations, kk
+        normalisation, ln_x GroupNorm with the bonus and gate, channel mix, LayerNorms and residuals) become a few
+        fused kernels forward and backward; matmuls stay on cuBLAS and the wkv7 custom op stays opaque.
 
-        self.__dict__["_compiled"] = [torch.compile(b, backend=backend) for b in self.blocks]
-        self.__dict__["_compiled_cp"] = [torch.compile(checkpointed(b), backend=backend) for b in self.blocks]
+        recompute (used when grad_cp is on): "full" reruns each block's forward in the backward, as eager grad_cp;
+        "selective" keeps the matmul outputs and reruns only the cheap work (elementwise, norms, and the wkv7
+        forward, whose per-chunk state checkpoints would cost more memory than the matmul outputs). The compiled
+        wrappers are kept outside the module tree, so parameter names do not change."""
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        if torch.cuda.is_available():  # decide the wkv backend (loads the kernel) before tracing, not inside it
+            from rwkv7 import wkv_cuda
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            wkv_cuda.available()
+        first, rest = self.blocks[0], self.blocks[1:]
+        plain = [compiled_block(first, None, backend)] + ([compiled_block(rest[0], None, backend)] if rest else [])
+        cp = [compiled_block(first, recompute, backend)] + ([compiled_block(rest[0], recompute, backend)] if rest else [])
+        self.__dict__["_compiled"] = [plain[min(i, 1)] for i in range(len(self.blocks))]
+        self.__dict__["_compiled_cp"] = [cp[min(i, 1)] for i in range(len(self.blocks))]
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last hidden state after ln_out, [B, T, C]: forward() without the head (training fuses the head into
+        the loss, rwkv7.train.loss.head_loss)."""
         x = self.emb(idx)
         v_first = torch.empty_like(x)
         compiled, compiled_cp = self.__dict__.get("_compiled"), self.__dict__.get("_compiled_cp")
+        training = self.training and torch.is_grad_enabled()  # evaluation runs eager (other shapes, no backward)
+        cp = self.grad_cp and training
         for i, block in enumerate(self.blocks):
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                if compiled_cp:
-                    x, v_first, _ = compiled_cp[i](x, v_first)
-                else:
-                    x, v_first, _ = checkpoint(block, x, v_first, use_reentrant=False)
+            if compiled and training:
+                x, v_first = (compiled_cp if cp else compiled)[i](block, x, v_first)
+            elif cp:
+                x, v_first, _ = checkpoint(block, x, v_first, use_reentrant=False)
             else:
-                x, v_first, _ = (compiled[i] if compiled else block)(x, v_first)
-        return self.head(self.ln_out(x))
+                x, v_first, _ = block(x, v_first)
+        return self.ln_out(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(idx))
 
     def zero_state(self, batch: int, device=None) -> list:
         """RNN state per layer: ((att last x, wkv state fp32), ffn last x)."""

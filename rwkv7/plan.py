@@ -21,7 +21,7 @@ from rwkv7.recipe import Recipe
 
 GIB = 2 ** 30
 ACT_BYTES_PER_CHANNEL = 80
-LOSS_CHUNK_ROWS = 1024  # rwkv7.train.module.CrossEntropyL2Wrap.CHUNK
+LOSS_CHUNK_ROWS = 1024  # rwkv7.train.loss.CHUNK_ROWS
 STRATEGIES = ("single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
               "deepspeed_stage_3_offload")
 

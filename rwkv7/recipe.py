@@ -79,7 +79,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 0        # non-finite losses tolerated (skipped) before the run stops
     num_workers: int = 1
-    compile: bool = False         # torch.compile each block (GPU: fewer, fused kernels; first steps compile)
+    compile: bool = True          # GPU: torch.compile the blocks into fused kernels (about 30 s at start); CPU: eager
+    recompute: str = "selective"  # grad_cp on compiled blocks: selective (keep matmul outputs) | full (least memory)
     cuda_graph: bool = True       # strategy single: replay forward+backward as one CUDA graph (no effect elsewhere)
     cpu_threads: int = 0          # torch threads on CPU runs; 0: torch's default. 1 makes CPU logs bit-reproducible
 
@@ -121,7 +122,8 @@ class Recipe:
         global batch is split over GPUs and nodes (the sampler gives every step the same samples either way)."""
         d = self.to_dict()
         for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers", "max_bad_steps",
-                  "dist_timeout_min", "micro_bsz", "devices", "num_nodes", "cuda_graph"):
+                  "dist_timeout_min", "micro_bsz", "devices", "num_nodes", "cuda_graph", "compile",
+                  "recompute"):  # the last three: how the step runs, the same arithmetic
             d["train"].pop(k)
         d["train"]["real_bsz"] = self.real_bsz  # how a global batch is split over ranks does not change the numbers
         d.pop("check")
@@ -278,6 +280,9 @@ def validate(r: Recipe) -> None:
         raise UserError(f"train.accelerator must be gpu or cpu, got {t.accelerator!r}")
     strategies = ("auto", "single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
                   "deepspeed_stage_3_offload")
+    if t.recompute not in ("full", "selective"):
+        raise UserError(f"train.recompute {t.recompute!r} unknown; choose full (least memory) or selective (keeps "
+                        "the matmul outputs: faster, more memory)")
     if t.strategy not in strategies:
         raise UserError(f"train.strategy {t.strategy!r} unknown; choose one of {', '.join(strategies)}")
     if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy != "auto"):

@@ -69,9 +69,11 @@ def select_backend(r: torch.Tensor, backend: str = "auto") -> str:
     return backend
 
 
-def wkv7(r, w, k, v, a, b, state=None, return_state=False, backend: str = "auto"):
+def wkv7(r, w, k, v, a, b, state=None, return_state=False, backend: str = "auto", recompute: bool = False):
+    """recompute (CUDA kernel, training under selective recomputation): keep only the inputs for the backward, which
+    reruns the forward for its per-chunk state checkpoints (fp32 B*H*(T/16)*64*64: 100 MiB per layer at 0.1b)."""
     if select_backend(r, backend) == "cuda":
         from rwkv7 import wkv_cuda
 
-        return wkv_cuda.wkv7_cuda(r, w, k, v, a, b, state=state, return_state=return_state)
+        return wkv_cuda.wkv7_cuda(r, w, k, v, a, b, state=state, return_state=return_state, recompute=recompute)
     return wkv7_reference(r, w, k, v, a, b, state=state, return_state=return_state)

@@ -306,26 +306,35 @@ def _(r, w, k, v, a, b, dy, ckpt, sa, dsT):
 
 
 class WKV7Function(torch.autograd.Function):
-    """Autograd over the two ops; inputs bf16 contiguous [B,T,H,64] (T % 16 == 0), s0 fp32 or None."""
+    """Autograd over the two ops; inputs bf16 contiguous [B,T,H,64] (T % 16 == 0), s0 fp32 or None.
+    recompute: save only the inputs; the backward reruns the forward for the state checkpoints (rwkv7.wkv.wkv7)."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0):
+    def forward(ctx, r, w, k, v, a, b, s0, recompute=False):
         y, ckpt, sa = torch.ops.rwkv7.wkv7_forward(r, w, k, v, a, b, s0, True)
         ctx.set_materialize_grads(False)  # an unused final state costs no zero-filled gradient
-        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
-        ctx.has_s0 = s0 is not None
-        return y, ckpt[:, :, -1].clone()
+        final = ckpt[:, :, -1].clone()
+        if recompute:
+            ctx.save_for_backward(r, w, k, v, a, b, s0)
+        else:
+            ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
+        ctx.has_s0, ctx.recompute = s0 is not None, recompute
+        return y, final
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
+        if ctx.recompute:
+            r, w, k, v, a, b, s0 = ctx.saved_tensors
+            _, ckpt, sa = torch.ops.rwkv7.wkv7_forward(r, w, k, v, a, b, s0, True)
+        else:
+            r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.to(torch.bfloat16).contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
         dr, dw, dk, dv, da, db, ds0 = torch.ops.rwkv7.wkv7_backward(r, w, k, v, a, b, dy, ckpt, sa, dsT)
-        return dr, dw, dk, dv, da, db, (ds0 if ctx.has_s0 else None)
+        return dr, dw, dk, dv, da, db, (ds0 if ctx.has_s0 else None), None
 
 
-def wkv7_cuda(r, w, k, v, a, b, state=None, return_state=False):
+def wkv7_cuda(r, w, k, v, a, b, state=None, return_state=False, recompute=False):
     """The wkv7 recurrence on our kernel: y in r's dtype, or (y, final_state fp32 [B,H,64,64]) with return_state."""
     require()
     B, T, H, N = r.shape
@@ -346,7 +355,7 @@ def wkv7_cuda(r, w, k, v, a, b, state=None, return_state=False):
     needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (r, w, k, v, a, b))
                                               or (s0 is not None and s0.requires_grad))
     if needs_grad:
-        y, final = WKV7Function.apply(*xs, s0)
+        y, final = WKV7Function.apply(*xs, s0, recompute)
     else:
         y, ckpt, _ = torch.ops.rwkv7.wkv7_forward(*xs, s0, False)
         final = ckpt[:, :, 0]

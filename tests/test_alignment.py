@@ -570,9 +570,9 @@ def test_l2wrap_forward_and_gradient():
 def test_fused_loss_chunks_and_logit_reuse_give_the_same_gradient():
     """Several row chunks (the last one partial), bf16 logits; reuse_logits (training) writes the gradient into the
     logits' storage and must give exactly the gradient of the copying path."""
-    from rwkv7.train.module import CrossEntropyL2Wrap
+    from rwkv7.train.loss import CHUNK_ROWS
 
-    n, V = 2 * CrossEntropyL2Wrap.CHUNK + 5, 16
+    n, V = 2 * CHUNK_ROWS + 5, 16
     g = torch.Generator().manual_seed(1)
     base = (3 * torch.randn(n, V, generator=g)).to(torch.bfloat16)
     targets = torch.randint(0, V, (n,), generator=g)
@@ -589,6 +589,32 @@ def test_fused_loss_chunks_and_logit_reuse_give_the_same_gradient():
     assert torch.equal(grads[0], grads[1])
     ref = (torch.softmax(base.float(), -1) - F.one_hot(targets, V).float()) / n
     assert torch.allclose(grads[0].float(), ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_fused_loss_equals_head_then_loss(dtype):
+    """head_loss(hidden, W, y) (training on GPUs: the head inside the loss, logits never whole) gives the loss and
+    the gradients of lm_loss(hidden @ W^T, y), over several row chunks (the last partial) and with an incoming
+    gradient other than 1 (it is applied in backward)."""
+    from rwkv7.train.loss import CHUNK_ROWS, head_loss
+
+    n, C, V = 2 * CHUNK_ROWS + 7, 24, 40
+    g = torch.Generator().manual_seed(3)
+    hidden0 = torch.randn(n, C, generator=g).to(dtype)
+    weight0 = (0.5 * torch.randn(V, C, generator=g)).to(dtype)
+    targets = torch.randint(0, V, (n,), generator=g)
+    results = []
+    for fused in (False, True):
+        h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        loss = head_loss(h, w, targets) if fused else lm_loss(h @ w.t(), targets)
+        (2.5 * loss).backward()
+        results.append((float(loss), h.grad.float(), w.grad.float()))
+    (l0, h0, w0), (l1, h1, w1) = results
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the per-chunk d(W) partials are rounded once each
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    assert float((h1 - h0).norm() / h0.norm()) < tol
+    assert float((w1 - w0).norm() / w0.norm()) < tol
+    assert h1.abs().max() > 0 and w1.abs().max() > 0
 
 
 def test_l2wrap_is_identity_forward():

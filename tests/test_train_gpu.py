@@ -36,7 +36,8 @@ def test_graphed_step_equals_eager_step():
     from rwkv7.model import ModelShape, RWKV7
     from rwkv7.train.bf16_optim import MasterWeightAdamW
     from rwkv7.train.graphed import GraphedStep
-    from rwkv7.train.module import lm_loss, param_groups
+    from rwkv7.train.loss import training_loss
+    from rwkv7.train.module import param_groups
 
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 512, (4, 65), generator=g).cuda() for _ in range(4)]
@@ -46,17 +47,16 @@ def test_graphed_step_equals_eager_step():
         init_model(model, seed=0)
         model = model.cuda().to(torch.bfloat16).train()
         opt = MasterWeightAdamW(param_groups(model, 0.001), clip=1.0, lr=1e-3, betas=(0.9, 0.99), eps=1e-18)
-        loss_fn = lambda out, tgt: lm_loss(out, tgt, reuse_logits=True)  # noqa: E731
         step, losses = None, []
         for b in batches:
             x, y = b[:, :-1].contiguous(), b[:, 1:].contiguous()
             if graphed:
                 if step is None:
                     opt.keep_model_grads = True
-                    step = GraphedStep(model, loss_fn, x, y)
+                    step = GraphedStep(model, training_loss, x, y)
                 losses.append(float(step(x, y)))
             else:
-                loss = loss_fn(model(x), y)
+                loss = training_loss(model, x, y)
                 loss.backward()
                 losses.append(float(loss.detach()))
             opt.step()

@@ -14,6 +14,7 @@ class GraphedStep:
     WARMUP = 2  # eager passes on a side stream before capture: autograd, cuBLAS and kernel set-up happen there
 
     def __init__(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor):
+        """loss_fn(model, x, y) -> scalar loss (e.g. rwkv7.train.loss.training_loss)."""
         self.x, self.y = x.clone(), y.clone()
         self.params = [p for p in model.parameters() if p.requires_grad]
         side = torch.cuda.Stream()
@@ -21,12 +22,12 @@ class GraphedStep:
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP):  # no optimizer step: the weights stay as they are
                 self._zero()
-                loss_fn(model(self.x), self.y).backward()
+                loss_fn(model, self.x, self.y).backward()
         torch.cuda.current_stream().wait_stream(side)
         self._zero()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss = loss_fn(model(self.x), self.y)
+            self.loss = loss_fn(model, self.x, self.y)
             self.loss.backward()
         # parameters the loss does not reach (layer 0's value-residual LoRA) keep grad None, as in eager mode
 

@@ -13,8 +13,7 @@ from rwkv7 import testhooks
 from rwkv7.init import GROUP_LR_SCALE, optimizer_group
 from rwkv7.model import RWKV7
 from rwkv7.recipe import Recipe
-
-L2WRAP_FACTOR = 1e-4  # official L2Wrap strength
+from rwkv7.train.loss import L2WRAP_FACTOR, lm_loss, training_loss  # noqa: F401 (lm_loss re-exported)
 
 
 class L2Wrap(torch.autograd.Function):
@@ -36,60 +35,6 @@ class L2Wrap(torch.autograd.Function):
         maxx, ids = torch.max(logits, -1, keepdim=True)
         gy = torch.zeros_like(logits).scatter_(-1, ids, maxx * (factor * grad_output.to(logits.dtype)))
         return grad_output, gy
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class CrossEntropyL2Wrap(torch.autograd.Function):
-    """Mean cross-entropy + L2Wrap in one op, in row chunks with fp32 math (as RWKV-LM HEAD's fused loss kernel).
-
-    Never materialises an fp32 copy of all logits (2 GiB for 0.1b's 8192 x 65536): each chunk is upcast, used and
-    dropped, and backward writes the gradient straight in the logits' dtype. Same numbers as L2Wrap + fp32 CE.
-    With reuse_logits the gradient is written into the logits' own storage (another 1 GiB saved at 0.1b): only for
-    logits nothing else reads afterwards, such as the head's output in training (its backward needs only its input
-    and weight).
-    """
-
-    CHUNK = 1024  # rows per chunk: one fp32 temporary of CHUNK x vocab (256 MiB at vocab 65536)
-
-    @staticmethod
-    def forward(ctx, logits, targets, reuse_logits=False):
-        n = logits.shape[0]
-        acc = torch.promote_types(logits.dtype, torch.float32)
-        lse = torch.empty(n, dtype=acc, device=logits.device)
-        total = torch.zeros((), dtype=acc, device=logits.device)
-        for i in range(0, n, CrossEntropyL2Wrap.CHUNK):
-            lf = _upcast(logits[i:i + CrossEntropyL2Wrap.CHUNK])
-            lse[i:i + lf.shape[0]] = torch.logsumexp(lf, -1)
-            total += (lse[i:i + lf.shape[0]] - lf.gather(1, targets[i:i + lf.shape[0], None]).squeeze(1)).sum()
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.reuse_logits = reuse_logits
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        logits, targets, lse = ctx.saved_tensors
-        n = logits.shape[0]
-        g = grad_output.to(lse.dtype) / n
-        grad = logits if ctx.reuse_logits else torch.empty_like(logits)
-        for i in range(0, n, CrossEntropyL2Wrap.CHUNK):
-            p = logits[i:i + CrossEntropyL2Wrap.CHUNK].to(lse.dtype, copy=True)  # the chunk's only temporary
-            rows = p.shape[0]
-            maxx, ids = p.max(-1, keepdim=True)
-            p.sub_(lse[i:i + rows, None]).exp_()
-            p.scatter_add_(1, targets[i:i + rows, None], torch.full_like(maxx, -1.0))
-            p.scatter_add_(1, ids, maxx * L2WRAP_FACTOR)  # L2Wrap: 1e-4 * max_logit / (B*T) at the argmax
-            grad[i:i + rows] = p.mul_(g)
-        return grad, None, None
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:
-    """Mean cross-entropy in fp32 with L2Wrap's extra gradient (L2Wrap(CE(logits), logits), fused).
-    reuse_logits: backward overwrites `logits` with its gradient (saves a logits-sized buffer; the caller must not
-    read the logits after backward)."""
-    return CrossEntropyL2Wrap.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reuse_logits)
 
 
 def param_groups(model: RWKV7, weight_decay: float) -> list[dict]:
@@ -134,7 +79,7 @@ class RWKV7Module(pl.LightningModule):
         x, y = batch
         if self.use_graph:
             return self._graphed_step(x, y)
-        loss = lm_loss(self.model(x), y, reuse_logits=True)
+        loss = training_loss(self.model, x, y)
         if testhooks.fault("nan", self.run_step):
             loss = loss * float("nan")
         if self.check_now and not torch.isfinite(loss.detach()):
@@ -146,7 +91,7 @@ class RWKV7Module(pl.LightningModule):
             from rwkv7.train.graphed import GraphedStep
 
             self.optimizers().optimizer.keep_model_grads = True  # the graph's gradient buffers are fixed
-            self.graphed = GraphedStep(self.model, lambda out, tgt: lm_loss(out, tgt, reuse_logits=True), x, y)
+            self.graphed = GraphedStep(self.model, training_loss, x, y)
         loss = self.graphed(x, y)
         if testhooks.fault("nan", self.run_step):
             loss = loss * float("nan")

@@ -482,8 +482,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
                                          persistent_workers=False)
     if recipe.train.strategy == "single" and recipe.train.precision == "bf16":
         model = model.to(torch.bfloat16)  # as DeepSpeed's bf16 mode: the whole module in bf16
-    if recipe.train.compile:
-        model.compile_blocks()
+    if recipe.train.compile and recipe.train.accelerator == "gpu":  # CPU runs stay the eager reference
+        model.compile_blocks(recompute=recipe.train.recompute)
     module = RWKV7Module(model, recipe, bad_steps=state.bad_steps)
     tracker = make_tracker(recipe, run_dir, data, state, dataset, last_step, resume_from, first_epoch, progress,
                            wandb_project)
