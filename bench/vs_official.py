@@ -2,7 +2,7 @@
 (issue 13 acceptance): tokens/s, ratio, peak memory and the loss-trajectory comparison.
 
     python bench/vs_official.py --official ref/RWKV-LM/RWKV-v7/train_temp --data PREFIX \\
-        [--shapes 0.1b,0.4b,1.5b] [--steps 400] [--short-steps 40] [--ours-set "SECTION.KEY=VALUE ..."]... \\
+        [--shapes 0.1b,0.4b,1.5b] [--steps 400] [--short-steps 40] [--ours-set SECTION.KEY=VALUE[,...]]... \\
         [--out DIR] [--work DIR] [--skip-build] [--dry-run]
 
 --official is a git-ignored copy of RWKV-LM's RWKV-v7/train_temp (never committed). Its files are run unchanged
@@ -14,7 +14,7 @@ through bench/official_launcher.py. Needs pytorch-lightning 1.9.5 and deepspeed 
 2. Official stage 1 for every shape, in parallel: train.py --train_stage 1 --random_seed 42 writes rwkv-init.pth.
 3. Per shape: official stage 3 (DeepSpeed stage 2, --kernel @rwkv3) for N steps from that file, then ours
    (`entrypoint.py train --recipe 0.1b-short --load-model rwkv-init.pth`, strategy auto = our default path on one
-   GPU) once per variant: each --ours-set adds a variant with those extra `--set` overrides (default: none).
+   GPU), then once more per --ours-set with those extra `--set` overrides (a variant, e.g. train.compile=1).
    N = --steps for 0.1b, --short-steps for the larger shapes.
 Both sides: ctx 512, micro_bsz 16, grad_cp 1, bf16, magic_prime 18671, my_exit_tokens 1,498,226,207, lr 6e-4 ->
 6e-5, warmup 10, betas (0.9, 0.99), eps 1e-18, weight decay 0.001.
@@ -79,7 +79,7 @@ def step_durations(times: list[float], skip: int, drop_last: bool = False) -> li
     return [times[i] - times[i - 1] for i in range(start, len(times))]
 
 
-def timing(rows: list[dict], drop_last: bool = False) -> dict:
+def timing(rows: list[dict], drop_last: bool = False, tokens_per_step: int = TOKENS_PER_STEP) -> dict:
     """Median step time over the steady steps, tokens/s from it, and peak memory over the whole run."""
     durations = step_durations([r["time"] for r in rows], warmup_steps(len(rows)), drop_last)
     if not durations:
@@ -87,7 +87,7 @@ def timing(rows: list[dict], drop_last: bool = False) -> dict:
     step_s = statistics.median(durations)
     return {"steps": len(rows), "timed_steps": len(durations), "step_ms": round(1000 * step_s, 2),
             "mean_step_ms": round(1000 * statistics.fmean(durations), 2),
-            "tokens_per_s": round(TOKENS_PER_STEP / step_s),
+            "tokens_per_s": round(tokens_per_step / step_s),
             "peak_mem_gib": round(max(r.get("peak_mem_gib", 0.0) for r in rows), 3),
             "peak_reserved_gib": round(max(r.get("peak_reserved_gib", 0.0) for r in rows), 3)}
 
@@ -235,7 +235,8 @@ def init_weights(official: Path, env: dict, shapes: list[str], data: str, work: 
         proj.mkdir(parents=True)
         f = open(work / shape / "init.log", "w")
         cmd = [sys.executable, "train.py", *official_args(shape, data, proj, stage=1)]
-        procs[shape] = (subprocess.Popen(cmd, cwd=official, env=env, stdout=f, stderr=subprocess.STDOUT), f, time.time())
+        proc = subprocess.Popen(cmd, cwd=official, env=env, stdout=f, stderr=subprocess.STDOUT)
+        procs[shape] = (proc, f, time.time())
     for shape, (proc, f, t) in procs.items():
         try:
             rc = proc.wait(timeout=max(1.0, timeout - (time.time() - t)))
@@ -293,15 +294,17 @@ def run_ours(shape: str, variant: list[str], index: int, data: str, steps: int, 
     out = ours_dir(work, shape, index)
     t = time.time()
     try:
-        p = train(out, *ours_sets(shape, variant), data=data, steps=steps, load_model=str(work / shape / "init" / "rwkv-init.pth"),
-                  timeout=timeout, env={"TORCH_EXTENSIONS_DIR": str(ext_dir), "PYTHONUNBUFFERED": "1"})
+        p = train(out, *ours_sets(shape, variant), data=data, steps=steps,
+                  load_model=str(work / shape / "init" / "rwkv-init.pth"), timeout=timeout,
+                  env={"TORCH_EXTENSIONS_DIR": str(ext_dir), "PYTHONUNBUFFERED": "1"})
     except subprocess.TimeoutExpired as e:
         text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         return {"error": "timeout", "log_tail": "\n".join(text.splitlines()[-25:])}
     if p.returncode:
         return {"error": f"exit {p.returncode}", "log_tail": "\n".join((p.stdout + p.stderr).splitlines()[-25:])}
     rows = metric_rows(out)
-    res = {**timing(rows, drop_last=True), "wall_s": round(time.time() - t, 1), "first_step_s": round(rows[0]["time"] - t, 1),
+    res = {**timing(rows, drop_last=True, tokens_per_step=rows[0].get("tokens_per_step") or TOKENS_PER_STEP),
+           "wall_s": round(time.time() - t, 1), "first_step_s": round(rows[0]["time"] - t, 1),
            "losses": [r["loss"] for r in rows], "times": [round(r["time"] - rows[0]["time"], 4) for r in rows]}
     res["mfu_per_token_s"] = mfu_per_token_s(rows)
     return res
@@ -337,7 +340,8 @@ def trajectory_lines(report: dict) -> list[str]:
             if t.get("max_window_delta") is None:
                 lines.append(f"{shape} ours {name}: {t['steps']} steps, fewer than one {t['window']}-step window")
                 continue
-            lines.append(f"{shape} ours {name} vs official, {t['steps']} steps: per-step max |d| {t['max_abs_delta']:.4f} "
+            lines.append(f"{shape} ours {name} vs official, {t['steps']} steps: "
+                         f"per-step max |d| {t['max_abs_delta']:.4f} "
                          f"(step {t['at_step']}), mean |d| {t['mean_abs_delta']:.4f}; {t['window']}-step window means "
                          f"max |d| {t['max_window_delta']:.4f} (limit {t['limit']}: "
                          f"{'PASS' if t['within_limit'] else 'FAIL'})")
@@ -375,17 +379,20 @@ def official_identity(official: Path) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official", required=True, type=Path, help="RWKV-LM's RWKV-v7/train_temp folder (git-ignored copy)")
+    ap.add_argument("--official", required=True, type=Path,
+                    help="RWKV-LM's RWKV-v7/train_temp folder (a git-ignored copy)")
     ap.add_argument("--data", required=True, help="binidx prefix (PREFIX.bin, PREFIX.idx), e.g. the stand-in corpus")
     ap.add_argument("--shapes", default="0.1b,0.4b,1.5b", help="comma-separated, of " + ", ".join(SHAPES))
     ap.add_argument("--steps", type=int, default=400, help="steps at 0.1b (the trajectory comparison) [400]")
     ap.add_argument("--short-steps", type=int, default=40, help="steps at the larger shapes [40]")
-    ap.add_argument("--ours-set", action="append", default=[], metavar="'SECTION.KEY=VALUE ...'",
-                    help="one more variant of ours with these --set overrides (repeatable); none: our default only")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="SECTION.KEY=VALUE[,...]",
+                    help="one more variant of ours with these --set overrides, separated by commas or spaces "
+                    "(repeatable); without it: our default only")
     ap.add_argument("--no-default", action="store_true", help="run only the --ours-set variants")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/vs-official"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs-official-work"), help="weights, run folders, logs")
-    ap.add_argument("--ext-dir", type=Path, default=Path(os.environ.get("TORCH_EXTENSIONS_DIR") or "/tmp/vs-official-ext"),
+    ap.add_argument("--ext-dir", type=Path,
+                    default=Path(os.environ.get("TORCH_EXTENSIONS_DIR") or "/tmp/vs-official-ext"),
                     help="TORCH_EXTENSIONS_DIR for the official extensions [$TORCH_EXTENSIONS_DIR]")
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed to each run [300]")
     ap.add_argument("--skip-build", action="store_true", help="the extensions are built already")
@@ -407,7 +414,7 @@ def parse_args(argv=None):
     for name in ("steps", "short_steps"):
         if getattr(args, name) < 3:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 3 (warm-up plus timed steps)")
-    args.variants = ([] if args.no_default else [[]]) + [v.split() for v in args.ours_set]
+    args.variants = ([] if args.no_default else [[]]) + [v.replace(",", " ").split() for v in args.ours_set]
     for v in args.variants:
         bad = [s for s in v if "=" not in s or "." not in s.split("=", 1)[0]]
         if bad:
@@ -431,7 +438,8 @@ def main(argv=None) -> int:
     work, out = args.work.resolve(), args.out.resolve()
     (work / "build").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": gpu_name(), "official": official_identity(args.official),
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": gpu_name(),
+              "official": official_identity(args.official),
               "data": args.data, "tokens_per_step": TOKENS_PER_STEP, "warmup": "first min(20, N/3) steps",
               "window": WINDOW, "variants": [variant_name(v) for v in args.variants], "shapes": {}}
     log(f"official {report['official']}; GPU {report['gpu']}; TORCH_EXTENSIONS_DIR {args.ext_dir}")
@@ -446,12 +454,12 @@ def main(argv=None) -> int:
         print("build:", show([sys.executable, str(ROOT / "kernels" / "build.py")], ROOT))
         for shape in args.shapes:
             init = work / shape / "init"
-            print(f"{shape} official stage 1:", show([sys.executable, "train.py", *official_args(shape, args.data, init, 1)],
-                                                     args.official))
-            print(f"{shape} official stage 3:", show(launcher("train", "--record", str(work / shape / "official.json"),
-                                                              "--steps", str(steps_for(shape, args)), "--",
-                                                              *official_args(shape, args.data, work / shape / "official", 3)),
-                                                     args.official))
+            stage1 = [sys.executable, "train.py", *official_args(shape, args.data, init, 1)]
+            print(f"{shape} official stage 1:", show(stage1, args.official))
+            stage3 = launcher("train", "--record", str(work / shape / "official.json"), "--steps",
+                              str(steps_for(shape, args)), "--",
+                              *official_args(shape, args.data, work / shape / "official", 3))
+            print(f"{shape} official stage 3:", show(stage3, args.official))
             for i, v in enumerate(args.variants):
                 print(f"{shape} ours {variant_name(v)}:",
                       show(train_command(ours_dir(work, shape, i), *ours_sets(shape, v), data=args.data,
@@ -501,7 +509,8 @@ def main(argv=None) -> int:
 def summary(r: dict) -> str:
     if "error" in r:
         return f"FAILED: {r['error']}\n{r.get('log_tail', '')}"
-    return (f"{r['steps']} steps, {r['step_ms']:.1f} ms/step = {r['tokens_per_s']:,} tok/s, peak {r['peak_mem_gib']:.2f} GiB, "
+    return (f"{r['steps']} steps, {r['step_ms']:.1f} ms/step = {r['tokens_per_s']:,} tok/s, "
+            f"peak {r['peak_mem_gib']:.2f} GiB, "
             f"first step after {r['first_step_s']} s, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
 
 

@@ -124,7 +124,7 @@ def test_official_and_our_commands_agree_on_shape_and_data_order():
     (lambda a: a.update(official="nowhere"), "train_temp"),
     (lambda a: a.update(data="nodata"), "nodata.bin not found"),
     (lambda a: a.update(shapes="0.1b,7b"), "unknown 7b"),
-    (lambda a: a.update(ours=["train.compile"]), "not SECTION.KEY=VALUE"),
+    (lambda a: a.update(ours=["train.compile=1,train.grad_cp"]), "'train.grad_cp' is not SECTION.KEY=VALUE"),
     (lambda a: a.update(steps="2"), "--steps must be at least 3"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, change, message):
