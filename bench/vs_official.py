@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_runs import ROOT, metric_rows, train, train_command
+from train_runs import ROOT, metric_rows, throughput, train, train_command
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048)}
 CTX_LEN, MICRO_BSZ = 512, 16
@@ -307,6 +307,7 @@ def run_ours(shape: str, variant: list[str], index: int, data: str, steps: int, 
            "wall_s": round(time.time() - t, 1), "first_step_s": round(rows[0]["time"] - t, 1),
            "losses": [r["loss"] for r in rows], "times": [round(r["time"] - rows[0]["time"], 4) for r in rows]}
     res["mfu_per_token_s"] = mfu_per_token_s(rows)
+    res["metrics"] = throughput(rows)  # our own figures (tokens/s over >= 1 s windows), as a cross-check
     return res
 
 
