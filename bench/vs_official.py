@@ -445,7 +445,11 @@ def main(argv=None) -> int:
               "window": WINDOW, "variants": [variant_name(v) for v in args.variants], "shapes": {}}
     log(f"official {report['official']}; GPU {report['gpu']}; TORCH_EXTENSIONS_DIR {args.ext_dir}")
 
-    specs = record_extensions(args.official, env, work / "extensions.json")
+    try:
+        specs = record_extensions(args.official, env, work / "extensions.json")
+    except RuntimeError as e:  # e.g. pytorch-lightning or deepspeed missing: nothing can run
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     log(f"the official import JIT-builds {len(specs)} extensions: {', '.join(s['name'] for s in specs)}, "
         "and DeepSpeed's FusedAdam")
     if args.dry_run:
@@ -487,13 +491,13 @@ def main(argv=None) -> int:
             continue
         n = steps_for(shape, args)
         log(f"{shape}: official, {n} steps")
-        s["official"] = run_official(args.official, env, shape, args.data, n, work, args.timeout)
+        s["official"] = guarded(run_official, args.official, env, shape, args.data, n, work, args.timeout)
         log(f"{shape}: official " + summary(s["official"]))
         write_report(path, report)
         for i, v in enumerate(args.variants):
             name = variant_name(v)
             log(f"{shape}: ours {name}, {n} steps")
-            r = s["ours"][name] = run_ours(shape, v, i, args.data, n, work, args.ext_dir, args.timeout)
+            r = s["ours"][name] = guarded(run_ours, shape, v, i, args.data, n, work, args.ext_dir, args.timeout)
             log(f"{shape}: ours {name} " + summary(r))
             if "error" not in r and "error" not in s["official"]:
                 r["x_official"] = ratio(r, s["official"])
@@ -505,6 +509,14 @@ def main(argv=None) -> int:
     print(f"\nside by side on {report['gpu']}, {report['date']} (results: {path}; total {time.time() - T0:.0f} s)")
     print(table(report))
     return 0
+
+
+def guarded(fn, *args) -> dict:
+    """One run's result, or its error: a failure (even one of ours reading the results) never ends the benchmark."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001  (reported in the table and the JSON, the other runs go on)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def summary(r: dict) -> str:

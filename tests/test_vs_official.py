@@ -2,6 +2,7 @@
 its input checks, and bench/official_launcher.py driving a stand-in official folder (the real one needs a GPU)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -167,14 +168,19 @@ def fake_official(tmp_path):
                 trainer.my_loss = 10.0 - 0.5 * batch_idx
     """))
     (root / "train.py").write_text(textwrap.dedent("""
-        import sys
+        import os, sys
         if __name__ == "__main__":
+            argv = sys.argv[1:]
+            opt = dict(zip(argv[::2], argv[1::2])) if "--proj_dir" in argv else {}  # the official flags, or: STEPS
+            if opt.get("--train_stage") == "1":  # stage 1 writes the initial weights and exits
+                open(os.path.join(opt["--proj_dir"], "rwkv-init.pth"), "wb").write(b"init")
+                sys.exit(0)
             from src.trainer import train_callback
             class Trainer:
                 is_global_zero = True
                 my_lr = 1e-3
-            cb, trainer = train_callback(sys.argv[1:]), Trainer()
-            for i in range(int(sys.argv[1])):
+            cb, trainer = train_callback(argv), Trainer()
+            for i in range(int(argv[0]) if not opt else 1000):
                 cb.on_train_batch_end(trainer, None, None, None, i)
             print("finished by itself")
     """))
@@ -228,3 +234,32 @@ def test_launcher_records_the_extension_builds_of_the_import(fake_official, tmp_
 def test_launcher_refuses_a_folder_that_is_not_train_temp(tmp_path):
     p = launcher(tmp_path, "extensions", "--json", str(tmp_path / "x.json"))
     assert p.returncode == 2 and "not RWKV-LM's RWKV-v7/train_temp" in p.stderr
+
+
+def test_one_failing_side_does_not_stop_the_benchmark(fake_official, tmp_path, capsys, monkeypatch):
+    """End to end on the stand-in: the official side is timed, ours fails (as `entrypoint.py train` does without a
+    GPU: exit 2); the run still ends with the JSON and the table, the failure named in both."""
+    calls = []
+
+    def failing_train(out, *sets, **kwargs):
+        calls.append((sets, kwargs))
+        return subprocess.CompletedProcess([], 2, "", "error: no CUDA GPU\n")
+
+    monkeypatch.setattr(vs, "train", failing_train)
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"data{ext}").write_bytes(b"")
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = vs.main(["--official", str(fake_official), "--data", str(tmp_path / "data"), "--shapes", "0.1b",
+                  "--steps", "4", "--skip-build", "--out", str(out), "--work", str(work)])
+    assert rc == 0
+    report = json.loads((out / "vs_official.json").read_text())
+    off = report["shapes"]["0.1b"]["official"]
+    assert off["steps"] == 4 and off["timed_steps"] == 3 and off["losses"] == [10.0, 9.5, 9.0, 8.5]
+    assert off["tokens_per_s"] > 0
+    assert report["init"]["0.1b"]["sha256"] == hashlib.sha256(b"init").hexdigest()
+    ours = report["shapes"]["0.1b"]["ours"]["default"]
+    assert ours["error"] == "exit 2" and "no CUDA GPU" in ours["log_tail"]
+    assert calls[0][1]["load_model"] == str(work / "0.1b" / "init" / "rwkv-init.pth") and calls[0][1]["steps"] == 4
+    assert report["shapes"]["0.1b"]["trajectory"] == {}
+    last = capsys.readouterr().out.rstrip().splitlines()
+    assert "official train_temp" in last[-2] and last[-1].endswith("exit 2")
