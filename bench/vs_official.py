@@ -3,7 +3,7 @@
 
     python bench/vs_official.py --official ref/RWKV-LM/RWKV-v7/train_temp --data PREFIX \\
         [--shapes 0.1b,0.4b,1.5b] [--steps 400] [--short-steps 40] [--ours-set SECTION.KEY=VALUE[,...]]... \\
-        [--out DIR] [--work DIR] [--skip-build] [--dry-run]
+        [--out DIR] [--work DIR] [--skip-build | --build-only] [--dry-run]
 
 --official is a git-ignored copy of RWKV-LM's RWKV-v7/train_temp (never committed). Its files are run unchanged
 through bench/official_launcher.py. Needs pytorch-lightning 1.9.5 and deepspeed importable, nvcc and ninja.
@@ -229,7 +229,7 @@ def init_weights(official: Path, env: dict, shapes: list[str], data: str, work: 
     for shape in shapes:
         proj = work / shape / "init"
         if (proj / "init.done").is_file():
-            result[shape] = {"rc": 0, "s": 0.0, "reused": True}
+            result[shape] = {"rc": 0, "s": 0.0, "reused": True, "sha256": sha256_if(proj)}
             continue
         shutil.rmtree(proj, ignore_errors=True)
         proj.mkdir(parents=True)
@@ -397,6 +397,8 @@ def parse_args(argv=None):
                     help="TORCH_EXTENSIONS_DIR for the official extensions [$TORCH_EXTENSIONS_DIR]")
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed to each run [300]")
     ap.add_argument("--skip-build", action="store_true", help="the extensions are built already")
+    ap.add_argument("--build-only", action="store_true", help="build, write the initial weights (stage 1), stop: "
+                    "a later call with --skip-build on the same machine reuses both")
     ap.add_argument("--dry-run", action="store_true", help="import the official model module (no GPU needed), "
                     "print what would run, and stop")
     args = ap.parse_args(argv)
@@ -481,6 +483,8 @@ def main(argv=None) -> int:
     report["init"] = init_weights(args.official, env, args.shapes, args.data, work, args.timeout)
     log(f"init: {json.dumps(report['init'])}")
     write_report(path, report)
+    if args.build_only:
+        return 0 if all(r.get("sha256") for r in report["init"].values()) else 1
     for shape in args.shapes:
         s = report["shapes"][shape] = {"steps": steps_for(shape, args), "ours": {}, "trajectory": {}}
         if report["init"][shape]["rc"] or not report["init"][shape].get("sha256"):

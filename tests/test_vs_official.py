@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -263,3 +264,15 @@ def test_one_failing_side_does_not_stop_the_benchmark(fake_official, tmp_path, c
     assert report["shapes"]["0.1b"]["trajectory"] == {}
     last = capsys.readouterr().out.rstrip().splitlines()
     assert "official train_temp" in last[-2] and last[-1].endswith("exit 2")
+
+
+def test_stage_1_weights_are_made_once_and_then_reused(fake_official, tmp_path):
+    work = tmp_path / "work"
+    env = dict(os.environ)
+    first = vs.init_weights(fake_official, env, ["0.1b", "0.4b"], "/nowhere", work, timeout=60)
+    assert {k: (r["rc"], r["sha256"]) for k, r in first.items()} == {
+        k: (0, hashlib.sha256(b"init").hexdigest()) for k in ("0.1b", "0.4b")}
+    (work / "0.4b" / "init" / "rwkv-init.pth").write_bytes(b"changed")  # a reused file is not rebuilt
+    again = vs.init_weights(fake_official, env, ["0.4b"], "/nowhere", work, timeout=60)
+    assert again["0.4b"]["reused"] and again["0.4b"]["sha256"] == first["0.4b"]["sha256"]
+    assert (work / "0.4b" / "init" / "rwkv-init.pth").read_bytes() == b"changed"
