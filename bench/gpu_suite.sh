@@ -5,7 +5,9 @@
 #   STAGES="kernel train golden parity generate" DATA=PREFIX bash bench/gpu_suite.sh
 # More stages: aot (ahead-of-time build timed, then the time to the first training step with an empty JIT cache),
 # resume (bench/gpu_resume.py: SIGKILL mid-run, resume, compare with the golden run), compile (train.compile=1),
-# gputests (tests/test_train_gpu.py), multigpu (bench/multi_gpu.py, DEVICES=2 GPUs against one).
+# gputests (tests/test_train_gpu.py), multigpu (bench/multi_gpu.py, DEVICES=2 GPUs against one), official
+# (bench/vs_official.py: the official RWKV-LM trainer side by side with ours; OFFICIAL=path of a git-ignored copy of
+# RWKV-LM's RWKV-v7/train_temp, OFFICIAL_ARGS for more options, e.g. "--shapes 0.1b --ours-set train.compile=1").
 # DATA: a World-tokenized binidx prefix (the stand-in corpus, or minipile). Outputs go to $OUT (default /tmp/gpu-suite).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -44,7 +46,8 @@ PY
       echo "full-arch build ($FULL_ARCH) rc=$? in $(( $(date +%s) - t0 )) s" >> "$OUT/build-full.log" ) &
   fi
 fi
-if has kernel; then stage kernel; OUT=$OUT/kernel bash bench/gpu_kernel_suite.sh 2>&1 | tail -40; else
+if has kernel; then stage kernel; OUT=$OUT/kernel bash bench/gpu_kernel_suite.sh 2>&1 | tail -40
+elif [ "$STAGES" != official ]; then  # alone, the official stage builds ours in parallel with the official kernels
   python3 kernels/build.py > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }; fi
 if has gputests; then stage gputests  # the CUDA-graph training path against the eager one, end to end and resumed
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tail -15; fi
@@ -61,6 +64,9 @@ if has compile; then stage compile
     train.strategy=single train.compile=1 train.epoch_steps=30 train.epoch_count=1 > "$OUT/compile.log" 2>&1; echo "compile rc=$?"
   grep -E "Error|error" "$OUT/compile.log" | head -5; tail -3 /tmp/compiled/metrics.jsonl 2>/dev/null; fi
 if has parity; then stage parity; python3 bench/backend_parity.py --data "$DATA" --steps ${PARITY_STEPS:-100} --long ${LONG_STEPS:-300} 2>&1 | tail -14; cp /tmp/rwkv7-parity/parity.json "$OUT/" 2>/dev/null; fi
+if has official; then stage official
+  if [ -z "${OFFICIAL:-}" ]; then echo "official: set OFFICIAL=path/to/RWKV-LM/RWKV-v7/train_temp (git-ignored copy)"
+  else python3 bench/vs_official.py --official "$OFFICIAL" --data "$DATA" --out "$OUT/official" ${OFFICIAL_ARGS:-}; fi; fi
 if has generate; then stage generate; python3 bench/generate.py --quick 2>&1 | tail -12; fi
 wait; [ -f "$OUT/build-full.log" ] && tail -3 "$OUT/build-full.log"
 echo "=== done ($(date +%H:%M:%S))"
