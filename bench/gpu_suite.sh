@@ -5,6 +5,7 @@
 #   STAGES="kernel train golden parity generate" DATA=PREFIX bash bench/gpu_suite.sh
 # More stages: aot (ahead-of-time build timed, then the time to the first training step with an empty JIT cache),
 # resume (bench/gpu_resume.py: SIGKILL mid-run, resume, compare with the golden run), compile (train.compile=1),
+# fused (bench/fused_step.py: the step's variants, timed and checked against the eager path),
 # gputests (tests/test_train_gpu.py), multigpu (bench/multi_gpu.py, DEVICES=2 GPUs against one), official
 # (bench/vs_official.py: the official RWKV-LM trainer side by side with ours; OFFICIAL=path of a git-ignored copy of
 # RWKV-LM's RWKV-v7/train_temp, OFFICIAL_ARGS for more options, e.g. "--shapes 0.1b --ours-set train.compile=1").
@@ -59,6 +60,7 @@ if has golden; then stage golden
 fi
 if has resume; then stage resume; python3 bench/gpu_resume.py --data "$DATA" --reference /tmp/golden 2>&1 | tail -30
   cp /tmp/rwkv7-resume/resume.json "$OUT/" 2>/dev/null; tail -5 /tmp/rwkv7-resume/run.log > "$OUT/resume-tail.txt" 2>&1; fi
+if has fused; then stage fused; python3 bench/fused_step.py --check --json "$OUT/fused_step.json" 2>&1 | tail -16; fi
 if has compile; then stage compile
   python3 entrypoint.py train --recipe 0.1b-short --out /tmp/compiled --fresh --no-progress --no-check --set data.path="$DATA" \
     train.strategy=single train.compile=1 train.epoch_steps=30 train.epoch_count=1 > "$OUT/compile.log" 2>&1; echo "compile rc=$?"
