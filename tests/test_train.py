@@ -228,7 +228,7 @@ def test_deepspeed_checkpoint_on_another_gpu_count_is_refused_clearly(tmp_path):
 
     from rwkv7.errors import UserError
     from rwkv7.recipe import load_recipe
-    from rwkv7.train.run import find_resume
+    from rwkv7.train.resume import find_resume
 
     recipe = load_recipe("0.1b", ["train.devices=4", "train.micro_bsz=4"])
     ck = tmp_path / "ckpt" / "step-00000010"
