@@ -149,7 +149,7 @@ def fit(plan, state: RunState, model, check: bool) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}; the last good checkpoint is kept in {run_dir / ckpt.CKPT_DIR}")
         return EXIT_DIVERGED
-    if tracker.stopped:
+    if tracker.stopped and state.step < plan.last_step:  # a signal during the last step: the run is done
         print(f"stopped by a signal at step {state.step}; run the same command to resume")
         return EXIT_INTERRUPTED
     if trainer.is_global_zero:

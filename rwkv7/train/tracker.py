@@ -94,7 +94,7 @@ class RunTracker(pl.Callback):
         if state.step % p.recipe.epoch_steps == 0:
             self.end_mini_epoch(trainer, pl_module, stop)
         elif stop or state.step >= p.last_step:  # mid mini-epoch: keep the partial sums for an exact resume
-            save_full_checkpoint(trainer, pl_module, p.recipe, p.run_dir, state, p.faults)
+            self.checkpoint(trainer, pl_module)
         if stop:
             self.stopped = True
             trainer.should_stop = True
@@ -148,7 +148,7 @@ class RunTracker(pl.Callback):
         state.close_mini_epoch(epoch, avg, self.lr, line)
         if epoch % p.recipe.train.epoch_save == 0 or state.step >= p.last_step or stop:
             # checkpoint first, log line second: a crash in between is repaired from the checkpoint on resume
-            save_full_checkpoint(trainer, pl_module, p.recipe, p.run_dir, state, p.faults)
+            self.checkpoint(trainer, pl_module)
             if trainer.is_global_zero:
                 ckpt.save_weights(pl_module.model, p.run_dir / f"rwkv-{epoch}.pth")
         p.faults.before_log_line(state.step)
@@ -158,6 +158,12 @@ class RunTracker(pl.Callback):
                 self.validate(pl_module, epoch)
             self.metrics.flush()
             self.bar.write(line.rstrip())
+
+    def checkpoint(self, trainer, pl_module) -> None:
+        """metrics.jsonl first (rows after the checkpoint are trimmed on resume, rows before it are never redone),
+        then the full checkpoint of state.step."""
+        self.metrics.flush()
+        save_full_checkpoint(trainer, pl_module, self.plan.recipe, self.plan.run_dir, self.state, self.plan.faults)
 
     def validate(self, pl_module, epoch: int) -> None:
         """Held-out loss on data.val_path (first data.val_tokens tokens), in val_log.txt: the official
