@@ -359,3 +359,43 @@ def test_init_writes_the_official_initial_weights(cli, tmp_path):
     assert "blocks.0.att.w0" in stdout and f"wrote {out}" in stdout
     code, _, _ = cli("init", "--recipe", "tiny", "--out", tmp_path / "seed1.pth", "--seed", "1")
     assert code == 0 and not torch.equal(read_state_dict(tmp_path / "seed1.pth")["emb.weight"], got["emb.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def test_metrics_rows_and_buffered_writes(tmp_path):
+    from rwkv7.train import metrics
+
+    recipe = load_recipe("tiny", ["train.epoch_steps=5"])
+    row = metrics.metrics_row(recipe, 6, 2.5, 1e-3, 0.75, 1234.56, None)
+    assert {k: row[k] for k in ("step", "mini_epoch", "loss", "lr", "grad_norm", "tokens_per_s")} == \
+        {"step": 6, "mini_epoch": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "tokens_per_s": 1234.6}
+    assert row["tokens_per_step"] == 8 * 64 and "mfu" not in row and "peak_mem_gib" not in row
+    assert metrics.metrics_row(recipe, 5, 2.5, 1e-3, None, 0.0, 0.123456)["mini_epoch"] == 0
+    assert metrics.metrics_row(recipe, 5, 2.5, 1e-3, None, 0.0, 0.123456)["mfu"] == 0.1235
+
+    log = metrics.MetricsLog(tmp_path, writer=True)
+    for step in range(1, metrics.FLUSH_ROWS):
+        log.add({"step": step})
+    assert not log.path.exists()  # buffered until FLUSH_ROWS rows
+    log.add({"step": metrics.FLUSH_ROWS})
+    assert len(log.path.read_text().splitlines()) == metrics.FLUSH_ROWS and log.buffer == []
+    log.add({"step": 999})
+    log.close()
+    assert json.loads(log.path.read_text().splitlines()[-1]) == {"step": 999}
+    other = metrics.MetricsLog(tmp_path / "rank1", writer=False)  # ranks > 0 write nothing
+    other.add({"step": 1})
+    other.close()
+    assert not (tmp_path / "rank1").exists() and other.buffer == []
+
+
+def test_flops_per_token_by_hand():
+    """tiny: C=128, L=2, V=512, head 64, LoRA ranks (w, a, v, g) = (32, 32, 32, 64). Per layer 12 C^2 + 2 C x 160 =
+    196,608 + 40,960 = 237,568; 6 x (2 x 237,568 + 128 x 512) + 2 x 24 x 64 x 128 = 3,244,032 + 393,216."""
+    from rwkv7.model import lora_rank
+    from rwkv7.train.metrics import flops_per_token
+
+    assert [lora_rank(128, k) for k in "wavg"] == [32, 32, 32, 64]
+    assert flops_per_token(load_recipe("tiny")) == 3_244_032 + 393_216
