@@ -58,3 +58,35 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---- where files can go: shared by fetch, doctor, the preflight and init -------------------------------------------
+
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """`path` itself or the nearest folder above it that exists."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def folder_problem(path: str | os.PathLike, what: str) -> tuple[Path, str | None]:
+    """The folder that exists nearest `path` and, if `path` cannot be created or written there, why not."""
+    base = existing_ancestor(path)
+    if not base.is_dir():
+        return base, f"cannot create {what} {path}: {base} exists and is not a folder"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return base, f"cannot write {what} {path}: {base} is not writable"
+    return base, None
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free space on the file system that holds (or will hold) `path`."""
+    import shutil
+
+    return shutil.disk_usage(existing_ancestor(path)).free
+
+
+def gib(n: float) -> str:
+    """Bytes for a message: GiB from 1 GiB up, MiB below."""
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"

@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rwkv7.recipe import Recipe
+from rwkv7.strategy import Strategy
 
 GIB = 2 ** 30
 ACT_BYTES_PER_CHANNEL = 80
 LOSS_CHUNK_ROWS = 1024  # rwkv7.train.loss.CHUNK_ROWS
-STRATEGIES = ("single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
-              "deepspeed_stage_3_offload")
+STRATEGIES = tuple(s for s in Strategy if s.planned)
 
 # Measured on one H200 with bench/train_bench.py (docs/PERFORMANCE.md): (L, C, strategy, grad_cp) -> (tokens/s,
 # peak allocated GiB). 0.1b: 2026-11-27 (run 3). single cp1: tok/s with the CUDA graph, peak of the eager path (the
@@ -48,7 +48,7 @@ MEASURED_PEAKS_MULTI_GPU = {
 
 @dataclass
 class Estimate:
-    strategy: str
+    strategy: Strategy
     gpu_gib: float
     host_gib: float
     tokens_per_s: float | None   # per GPU, measured (None when not measured for this shape and strategy)
@@ -66,24 +66,27 @@ def count_parameters(recipe: Recipe) -> int:
         return sum(p.numel() for p in RWKV7(ModelShape(m.n_layer, m.n_embd, m.vocab_size, m.head_size)).parameters())
 
 
-def memory(recipe: Recipe, strategy: str, gpus: int, grad_cp: int, params: int) -> tuple[float, float]:
+def state_bytes(strategy: Strategy, P: int, N: int, buckets: float) -> tuple[float, float, float]:
+    """(GPU bytes during forward/backward, extra GPU bytes inside the optimizer step, host bytes) for weights,
+    gradients and optimizer state."""
+    if not strategy.uses_deepspeed:  # single: bf16 weights + bf16 grads + fp32 masters + Adam m, v; fp32 master grads
+        return 16 * P, 4 * P, 0.0
+    if strategy.zero_stage == 2:  # bf16 weights and grads replicated, fp32 masters and Adam sharded
+        resident, sharded = 4 * P, 12 * P / N
+    else:  # stage 3: everything sharded; with offload the bf16 weights' shard (4/N) stays on the GPU
+        resident, sharded = (4 * P / N, 12 * P / N) if strategy.offload else (0.0, 16 * P / N)
+    if strategy.offload:
+        return resident + buckets, 0.0, sharded
+    return resident + sharded + buckets, 0.0, 0.0
+
+
+def memory(recipe: Recipe, strategy: Strategy, gpus: int, grad_cp: int, params: int) -> tuple[float, float]:
     """(GPU GiB, host GiB) per GPU for one strategy."""
     m, t = recipe.model, recipe.train
     P, N, C, L, V = params, gpus, m.n_embd, m.n_layer, m.vocab_size
     n = t.micro_bsz * t.ctx_len
     buckets = t.ds_bucket_mb * 1e6  # fitted: the measured peaks show about one bucket's worth
-    host = 0.0
-    step = 0.0  # extra bytes only inside the optimizer step (activations freed by then)
-    if strategy == "single":
-        weights, step = 16 * P, 4 * P
-    elif strategy == "deepspeed_stage_2":
-        weights = 4 * P + 12 * P / N + buckets
-    elif strategy == "deepspeed_stage_2_offload":
-        weights, host = 4 * P + buckets, 12 * P / N
-    elif strategy == "deepspeed_stage_3":
-        weights = 16 * P / N + buckets
-    else:  # deepspeed_stage_3_offload
-        weights, host = 4 * P / N + buckets, 12 * P / N
+    weights, step, host = state_bytes(Strategy(strategy), P, N, buckets)  # step: only inside the optimizer step
     head = n * V * 2 + LOSS_CHUNK_ROWS * V * 4
     block = ACT_BYTES_PER_CHANNEL * n * C
     work = L * 4 * n * C + max(head, block) if grad_cp else L * block + head
@@ -95,13 +98,13 @@ def plan(recipe: Recipe, gpus: int, gpu_gib: float, host_gib: float | None = Non
     m, t = recipe.model, recipe.train
     out = []
     for strategy in STRATEGIES:
-        if strategy == "single" and gpus != 1:
+        if strategy.one_gpu and gpus != 1:
             continue
         g, h = memory(recipe, strategy, gpus, t.grad_cp, params)
         fits = g <= gpu_gib and (host_gib is None or h <= host_gib)
         measured = MEASURED_H200.get((m.n_layer, m.n_embd, strategy, t.grad_cp))
         tok = measured[0] if measured and (t.micro_bsz, t.ctx_len) == (16, 512) else None
-        note = "not supported yet (recipe validation refuses it)" if "stage_3" in strategy else ""
+        note = "not supported yet (recipe validation refuses it)" if strategy.unsupported else ""
         out.append(Estimate(strategy, g, h, tok, fits and not note, note))
     return out
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rwkv7.errors import UserError
+from rwkv7.strategy import Strategy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,7 +69,7 @@ class TrainConfig:
     epoch_count: int = 0         # mini-epochs to train in total; 0: until my_exit_tokens, as the official trainer
     epoch_steps: int = 0         # steps per mini-epoch; 0: the official 40320 // real_bsz
     precision: str = "bf16"      # bf16 (DeepSpeed, GPU) | fp32
-    strategy: str = "deepspeed_stage_2"  # or single (one GPU, no DeepSpeed), *_offload, auto (see resolve_strategy)
+    strategy: Strategy = Strategy.DEEPSPEED_STAGE_2  # rwkv7/strategy.py; auto is resolved by resolve_strategy
     accelerator: str = "gpu"     # gpu | cpu
     devices: int = 1
     num_nodes: int = 1
@@ -83,6 +84,13 @@ class TrainConfig:
     recompute: str = "selective"  # grad_cp on compiled blocks: selective (keep matmul outputs) | full (least memory)
     cuda_graph: bool = True       # strategy single: replay forward+backward as one CUDA graph (no effect elsewhere)
     cpu_threads: int = 0          # torch threads on CPU runs; 0: torch's default. 1 makes CPU logs bit-reproducible
+
+    def __post_init__(self):
+        self.strategy = Strategy.parse(self.strategy)
+
+    @property
+    def gpus(self) -> int:
+        return self.devices * self.num_nodes
 
 
 @dataclass
@@ -147,6 +155,8 @@ def available() -> list[str]:
 def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
     name = f"{section}.{key}"
     typ = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(typ, typ)
+    if typ == "Strategy":
+        return Strategy.parse(value)
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
@@ -237,13 +247,18 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple = ()) -> Recipe:
 
 
 def resolve_strategy(t: "TrainConfig") -> None:
-    """strategy auto on GPUs: `single` on one GPU in bf16 (the fastest path: pure bf16 + fp32 masters, one CUDA graph
-    per step), DeepSpeed stage 2 on several. On CPUs auto stays auto (plain Lightning, DDP over gloo)."""
-    if t.strategy == "auto" and t.accelerator == "gpu":
-        t.strategy = "single" if t.devices * t.num_nodes == 1 and t.precision == "bf16" else "deepspeed_stage_2"
+    """strategy auto on GPUs becomes a concrete strategy (Strategy.resolved_for)."""
+    t.strategy = t.strategy.resolved_for(t.accelerator, t.gpus, t.precision)
 
 
 def validate(r: Recipe) -> None:
+    validate_ranges(r)
+    validate_model(r)
+    validate_train(r)
+    validate_data(r)
+
+
+def validate_ranges(r: Recipe) -> None:
     m, d, t, c = r.model, r.data, r.train, r.check
     positive = {"model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.vocab_size": m.vocab_size,
                 "model.head_size": m.head_size, "train.ctx_len": t.ctx_len, "train.micro_bsz": t.micro_bsz,
@@ -262,6 +277,10 @@ def validate(r: Recipe) -> None:
     for name, value in nonneg.items():
         if value < 0:
             raise UserError(f"{name} must be >= 0, got {value}")
+
+
+def validate_model(r: Recipe) -> None:
+    m, d = r.model, r.data
     if m.n_embd % m.head_size:
         raise UserError(f"model.n_embd ({m.n_embd}) must be a multiple of model.head_size ({m.head_size})")
     if m.n_embd % 32:
@@ -270,6 +289,10 @@ def validate(r: Recipe) -> None:
         raise UserError("model.n_layer must be >= 2 (the official init divides by n_layer - 1)")
     if m.vocab_size > 65536 and d.source != "synthetic":
         raise UserError(f"model.vocab_size {m.vocab_size} > 65536 cannot be stored in uint16 binidx data")
+
+
+def validate_train(r: Recipe) -> None:
+    t = r.train
     if t.lr_final > t.lr_init:
         raise UserError(f"train.lr_final ({t.lr_final}) must be <= train.lr_init ({t.lr_init})")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
@@ -278,23 +301,19 @@ def validate(r: Recipe) -> None:
         raise UserError(f"train.precision must be bf16 or fp32, got {t.precision!r}")
     if t.accelerator not in ("gpu", "cpu"):
         raise UserError(f"train.accelerator must be gpu or cpu, got {t.accelerator!r}")
-    strategies = ("auto", "single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
-                  "deepspeed_stage_3_offload")
     if t.recompute not in ("full", "selective"):
         raise UserError(f"train.recompute {t.recompute!r} unknown; choose full (least memory) or selective (keeps "
                         "the matmul outputs: faster, more memory)")
-    if t.strategy not in strategies:
-        raise UserError(f"train.strategy {t.strategy!r} unknown; choose one of {', '.join(strategies)}")
-    if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy != "auto"):
+    if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy.gpu_only):
         raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto (DeepSpeed and bf16 training "
                         "are GPU paths; train.devices=N on a CPU runs N processes with DDP)")
-    if t.strategy.startswith("deepspeed_stage_3"):
-        raise UserError(f"train.strategy={t.strategy} is not supported yet (its sharded weights are not gathered "
-                        "into rwkv-N.pth); use deepspeed_stage_2 or deepspeed_stage_2_offload")
+    if t.strategy.unsupported:
+        raise UserError(f"train.strategy={t.strategy} is not supported yet ({t.strategy.unsupported}); use "
+                        "deepspeed_stage_2 or deepspeed_stage_2_offload")
     if t.max_bad_steps and t.devices * t.num_nodes > 1:
         raise UserError("train.max_bad_steps > 0 (skipping bad steps) needs a single process: with several ranks a "
                         "bad step stops the run (the last good checkpoint is kept)")
-    if t.strategy == "single" and (t.accelerator != "gpu" or t.devices * t.num_nodes != 1):
+    if t.strategy.one_gpu and (t.accelerator != "gpu" or t.gpus != 1):
         raise UserError("train.strategy=single is one GPU (pure bf16 + fp32 master weights); use "
                         "deepspeed_stage_2 for several GPUs")
     if t.accelerator == "gpu" and t.ctx_len % 16:
@@ -302,6 +321,10 @@ def validate(r: Recipe) -> None:
     if not t.epoch_steps and MINI_EPOCH_SAMPLES % r.real_bsz:
         raise UserError(f"micro_bsz x devices x num_nodes = {r.real_bsz} must divide {MINI_EPOCH_SAMPLES} "
                         "(the official mini-epoch size), or set train.epoch_steps explicitly")
+
+
+def validate_data(r: Recipe) -> None:
+    d, t = r.data, r.train
     if d.magic_prime:
         from rwkv7.data.magic import is_prime
 

@@ -236,6 +236,33 @@ def check_trajectory(actual: LossSeries, expected: LossSeries, tolerance: float,
     See the module docstring for the rules. Raises UserError on mismatched input: either side empty, no common
     epochs, fewer than `min_epochs` compared, a non-finite expected loss, or invalid tolerance arguments.
     """
+    _check_limits(tolerance, rel_tolerance, max_outliers, min_epochs)
+    tolerance, rel_tolerance = float(tolerance), float(rel_tolerance)
+    act = _as_losses(actual, "actual")
+    exp = _as_losses(expected, "expected")
+    common = _common_epochs(act, exp, min_epochs)
+    rows = []
+    for e in common:
+        a, x = act[e], exp[e]
+        limit = max(tolerance, rel_tolerance * abs(x))
+        if math.isfinite(a):
+            delta = a - x
+            ok = abs(delta) <= limit
+        else:
+            delta, ok = math.nan, False
+        rows.append(CheckRow(e, x, a, delta, limit, ok))
+    nonfinite = [r.epoch for r in rows if not math.isfinite(r.actual)]
+    failed = [r for r in rows if not r.ok]
+    passed = not nonfinite and len(failed) <= max_outliers
+    only_act = sorted(set(act) - set(exp))
+    only_exp = sorted(set(exp) - set(act))
+    verdict = _verdict(rows, nonfinite, failed, passed, _fmt_tol(tolerance, rel_tolerance), max_outliers)
+    if only_exp and only_exp[0] < common[-1]:
+        verdict += f"; run lacks epoch(s) {_ranges([e for e in only_exp if e < common[-1]])}"
+    return CheckResult(rows, passed, verdict, tolerance, rel_tolerance, max_outliers, min_epochs, only_act, only_exp)
+
+
+def _check_limits(tolerance, rel_tolerance, max_outliers, min_epochs) -> None:
     for name, v in (("tolerance", tolerance), ("rel_tolerance", rel_tolerance)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
             raise UserError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -243,10 +270,10 @@ def check_trajectory(actual: LossSeries, expected: LossSeries, tolerance: float,
         raise UserError(f"max_outliers must be an integer >= 0, got {max_outliers!r}")
     if min_epochs is not None and (isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 1):
         raise UserError(f"min_epochs must be an integer >= 1, got {min_epochs!r}")
-    tolerance, rel_tolerance = float(tolerance), float(rel_tolerance)
 
-    act = _as_losses(actual, "actual")
-    exp = _as_losses(expected, "expected")
+
+def _common_epochs(act: dict, exp: dict, min_epochs: int | None) -> list[int]:
+    """The epochs both logs have, or a UserError when they cannot be compared."""
     if not act:
         raise UserError("the run's log has no mini-epoch lines yet: nothing to check")
     if not exp:
@@ -261,25 +288,10 @@ def check_trajectory(actual: LossSeries, expected: LossSeries, tolerance: float,
     bad_expected = [e for e in common if not math.isfinite(exp[e])]
     if bad_expected:
         raise UserError(f"the expected log has a non-finite loss at epoch {bad_expected[0]}")
+    return common
 
-    rows = []
-    for e in common:
-        a, x = act[e], exp[e]
-        limit = max(tolerance, rel_tolerance * abs(x))
-        if math.isfinite(a):
-            delta = a - x
-            ok = abs(delta) <= limit
-        else:
-            delta, ok = math.nan, False
-        rows.append(CheckRow(e, x, a, delta, limit, ok))
 
-    nonfinite = [r.epoch for r in rows if not math.isfinite(r.actual)]
-    failed = [r for r in rows if not r.ok]
-    passed = not nonfinite and len(failed) <= max_outliers
-    only_act = sorted(set(act) - set(exp))
-    only_exp = sorted(set(exp) - set(act))
-
-    tol = _fmt_tol(tolerance, rel_tolerance)
+def _verdict(rows: list, nonfinite: list, failed: list, passed: bool, tol: str, max_outliers: int) -> str:
     n = len(rows)
     finite_rows = [r for r in rows if math.isfinite(r.delta)]
     worst = max(finite_rows, key=lambda r: abs(r.delta)) if finite_rows else None
@@ -293,9 +305,7 @@ def check_trajectory(actual: LossSeries, expected: LossSeries, tolerance: float,
     else:
         extra = f", {len(failed)} outlier(s) allowed of {max_outliers}" if failed else ""
         verdict = f"PASS: {n - len(failed)}/{n} mini-epochs within {tol}{extra}; {worst_s}"
-    if only_exp and only_exp[0] < common[-1]:
-        verdict += f"; run lacks epoch(s) {_ranges([e for e in only_exp if e < common[-1]])}"
-    return CheckResult(rows, passed, verdict, tolerance, rel_tolerance, max_outliers, min_epochs, only_act, only_exp)
+    return verdict
 
 
 def _ranges(epochs: Sequence[int]) -> str:
@@ -338,7 +348,6 @@ def plot_check(result: CheckResult, actual: Sequence[EpochRecord], expected: Seq
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     exp_ep = [r.epoch for r in expected]
     exp_loss = [r.loss for r in expected]
@@ -348,49 +357,14 @@ def plot_check(result: CheckResult, actual: Sequence[EpochRecord], expected: Seq
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     try:
-        ax.fill_between(exp_ep, [v - t for v, t in zip(exp_loss, limits)], [v + t for v, t in zip(exp_loss, limits)],
-                        color="tab:blue", alpha=0.18, linewidth=0, label="tolerance band")
-        ax.plot(exp_ep, exp_loss, "--", color="tab:blue", marker="o", markersize=3.5, linewidth=1.3,
-                label="expected loss")
-        ax.plot(act_ep, act_loss, "-", color="tab:orange", marker="o", markersize=4, linewidth=1.8,
-                label="actual loss")
-        bad = [r for r in result.rows if not r.ok and math.isfinite(r.actual)]
-        if bad:
-            ax.plot([r.epoch for r in bad], [r.actual for r in bad], "x", color="red", markersize=10,
-                    markeredgewidth=2.2, label="outside tolerance", zorder=5)
-        for i, e in enumerate(result.nonfinite_epochs):
-            ax.axvline(e, color="red", linewidth=1.5, alpha=0.7, label="non-finite loss" if i == 0 else None)
-        ax.set_xlabel("mini-epoch")
-        ax.set_ylabel("avg loss per mini-epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-
-        ax2 = ax.twinx()
-        lr_e = [(r.epoch, r.lr) for r in expected if math.isfinite(r.lr)]
-        lr_a = [(r.epoch, r.lr) for r in actual if math.isfinite(r.lr)]
-        if lr_e:
-            ax2.plot(*zip(*lr_e), ":", color="tab:gray", linewidth=1.3, label="expected lr (right axis)")
-        if lr_a:
-            ax2.plot(*zip(*lr_a), "-", color="tab:green", marker=".", markersize=4, linewidth=1.0, alpha=0.6,
-                     label="actual lr (right axis)")
-        # lr axis from 0, so a slow cosine looks slow and the lr lines stay out of the way of the loss curves
-        lr_max = max([v for _, v in lr_e + lr_a] or [1.0])
-        ax2.set_ylim(0, lr_max * 1.08 if lr_max > 0 else 1.0)
-        ax2.set_ylabel("lr (last step of mini-epoch)", color="dimgray")
-        ax2.tick_params(axis="y", colors="dimgray")
-        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        ax.set_zorder(ax2.get_zorder() + 1)  # loss curves drawn over the lr lines
-        ax.patch.set_visible(False)
-
+        _plot_losses(ax, result, exp_ep, exp_loss, limits, act_ep, act_loss)
+        ax2 = _plot_lr(ax, actual, expected)
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize=8.5,
                   frameon=False)
-
-        verdict = result.verdict
-        head, _, tail = verdict.partition(": ")
-        color = "tab:green" if result.passed else "red"
-        fig.suptitle(head, color=color, fontsize=15, fontweight="bold", y=0.985)
+        head, _, tail = result.verdict.partition(": ")
+        fig.suptitle(head, color="tab:green" if result.passed else "red", fontsize=15, fontweight="bold", y=0.985)
         ax.set_title(_wrap(tail, 95), fontsize=9)
         fig.tight_layout()
         buf = io.BytesIO()
@@ -398,6 +372,48 @@ def plot_check(result: CheckResult, actual: Sequence[EpochRecord], expected: Seq
     finally:
         plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_losses(ax, result: CheckResult, exp_ep, exp_loss, limits, act_ep, act_loss) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.fill_between(exp_ep, [v - t for v, t in zip(exp_loss, limits)], [v + t for v, t in zip(exp_loss, limits)],
+                    color="tab:blue", alpha=0.18, linewidth=0, label="tolerance band")
+    ax.plot(exp_ep, exp_loss, "--", color="tab:blue", marker="o", markersize=3.5, linewidth=1.3,
+            label="expected loss")
+    ax.plot(act_ep, act_loss, "-", color="tab:orange", marker="o", markersize=4, linewidth=1.8,
+            label="actual loss")
+    bad = [r for r in result.rows if not r.ok and math.isfinite(r.actual)]
+    if bad:
+        ax.plot([r.epoch for r in bad], [r.actual for r in bad], "x", color="red", markersize=10,
+                markeredgewidth=2.2, label="outside tolerance", zorder=5)
+    for i, e in enumerate(result.nonfinite_epochs):
+        ax.axvline(e, color="red", linewidth=1.5, alpha=0.7, label="non-finite loss" if i == 0 else None)
+    ax.set_xlabel("mini-epoch")
+    ax.set_ylabel("avg loss per mini-epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def _plot_lr(ax, actual: Sequence[EpochRecord], expected: Sequence[EpochRecord]):
+    """The lr of both runs on a second y axis, from 0, drawn under the loss curves; returns that axis."""
+    ax2 = ax.twinx()
+    lr_e = [(r.epoch, r.lr) for r in expected if math.isfinite(r.lr)]
+    lr_a = [(r.epoch, r.lr) for r in actual if math.isfinite(r.lr)]
+    if lr_e:
+        ax2.plot(*zip(*lr_e), ":", color="tab:gray", linewidth=1.3, label="expected lr (right axis)")
+    if lr_a:
+        ax2.plot(*zip(*lr_a), "-", color="tab:green", marker=".", markersize=4, linewidth=1.0, alpha=0.6,
+                 label="actual lr (right axis)")
+    # lr axis from 0, so a slow cosine looks slow and the lr lines stay out of the way of the loss curves
+    lr_max = max([v for _, v in lr_e + lr_a] or [1.0])
+    ax2.set_ylim(0, lr_max * 1.08 if lr_max > 0 else 1.0)
+    ax2.set_ylabel("lr (last step of mini-epoch)", color="dimgray")
+    ax2.tick_params(axis="y", colors="dimgray")
+    ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.set_zorder(ax2.get_zorder() + 1)  # loss curves drawn over the lr lines
+    ax.patch.set_visible(False)
+    return ax2
 
 
 def _wrap(text: str, width: int) -> str:

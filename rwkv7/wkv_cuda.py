@@ -17,11 +17,13 @@ Loading: an ahead-of-time build (kernels/build.py) in $RWKV7_KERNEL_DIR or kerne
 of the sources, flags, torch and CUDA versions) matches and its recorded arch list covers the GPU; otherwise the
 kernel is compiled once (ninja) into $RWKV7_KERNEL_CACHE or ~/.cache/rwkv7/kernels and reused from there.
 """
+import functools
 import hashlib
 import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -77,19 +79,34 @@ def bwd_layout_supported(code: int, capability: Optional[tuple[int, int]] = None
     return tuple(capability) >= (9, 0)
 
 
+@dataclass(frozen=True)
+class LaneConfig:
+    """The thread layouts the ops launch: the defaults, or RWKV7_WKV_LANES, read once (`lanes()`)."""
+
+    fwd: int = FWD_LANES
+    bwd: int = BWD_LANES
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "LaneConfig":
+        value = environ.get("RWKV7_WKV_LANES")
+        return cls(*parse_lanes(value)) if value else cls()
+
+
+@functools.cache
+def lanes() -> LaneConfig:
+    return LaneConfig.from_env()
+
+
 _BWD_BY_DEVICE: dict = {}
 
 
 def _bwd_lanes(device: torch.device) -> int:
-    """BWD_LANES where this GPU can run it, else BWD_FALLBACK (cached per device)."""
+    """The configured backward layout where this GPU can run it, else BWD_FALLBACK (cached per device)."""
     if device.index not in _BWD_BY_DEVICE:
-        ok = bwd_layout_supported(BWD_LANES, torch.cuda.get_device_capability(device))
-        _BWD_BY_DEVICE[device.index] = BWD_LANES if ok else BWD_FALLBACK
+        bwd = lanes().bwd
+        ok = bwd_layout_supported(bwd, torch.cuda.get_device_capability(device))
+        _BWD_BY_DEVICE[device.index] = bwd if ok else BWD_FALLBACK
     return _BWD_BY_DEVICE[device.index]
-
-
-if os.environ.get("RWKV7_WKV_LANES"):
-    FWD_LANES, BWD_LANES = parse_lanes(os.environ["RWKV7_WKV_LANES"])
 
 _state: dict = {"loaded": False, "available": None, "reason": None, "path": None}
 
@@ -101,10 +118,11 @@ def normalise_arch_list_for_deepspeed() -> None:
         return
     out = []
     for item in value.replace(";", " ").split():
-        ptx = item.endswith("+PTX")
-        base = item[:-4] if ptx else item
-        base = base.rstrip("af")  # 9.0a / 10.0f -> 9.0 / 10.0
-        entry = base + ("+PTX" if ptx else "")
+        try:
+            major, minor, _, ptx = parse_arch(item)
+            entry = f"{major}.{minor}" + ("+PTX" if ptx else "")  # 9.0a / 10.0f -> 9.0 / 10.0
+        except ValueError:
+            entry = item  # not a number (a named arch): DeepSpeed's to judge
         if entry not in out:
             out.append(entry)
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(out)
@@ -127,23 +145,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RWKV7_KERNEL_CACHE") or Path.home() / ".cache" / "rwkv7" / "kernels")
 
 
-def _parse_arch_list(value: str) -> list[tuple[int, int, str]]:
-    """'8.0;9.0a 9.0+PTX' -> [(8, 0, ''), (9, 0, 'a'), (9, 0, '+PTX')]."""
-    out = []
-    for item in value.replace(";", " ").split():
-        tag = "+PTX" if item.endswith("+PTX") else ""
-        base = item[: -len(tag)] if tag else item
-        if base[-1:] in ("a", "f"):
-            tag, base = base[-1], base[:-1]
-        major, minor = base.split(".")
-        out.append((int(major), int(minor), tag))
-    return out
+def parse_arch(item: str) -> tuple[int, int, str, bool]:
+    """One TORCH_CUDA_ARCH_LIST entry: '9.0a+PTX' -> (9, 0, 'a', True); ValueError when it is not 'M.N...'."""
+    ptx = item.endswith("+PTX")
+    base = item[:-4] if ptx else item
+    suffix = base[-1] if base[-1:] in ("a", "f") else ""
+    major, minor = base[: len(base) - len(suffix)].split(".")
+    return int(major), int(minor), suffix, ptx
 
 
 def arch_covers(arch_list: str, capability: tuple[int, int]) -> bool:
     """Whether a build for `arch_list` runs on a GPU of `capability` (same-major SASS, exact 'a', or older PTX)."""
     major, minor = capability
-    for m, n, tag in _parse_arch_list(arch_list):
+    for m, n, suffix, ptx in (parse_arch(item) for item in arch_list.replace(";", " ").split()):
+        tag = suffix or ("+PTX" if ptx else "")
         if tag == "+PTX" and (m, n) <= (major, minor):
             return True
         if tag in ("a", "f") and (m, n) == (major, minor):
@@ -208,7 +223,8 @@ def build(directory: Path, verbose: bool = False, arch_list: Optional[str] = Non
     return directory / f"{name}.so"
 
 
-def _find_prebuilt(root: Path, name: str, cap: tuple[int, int]) -> Optional[Path]:
+def prebuilt_in(root: Path, name: str, cap: tuple[int, int]) -> Optional[Path]:
+    """The library `name` built under `root` (kernels/build.py's layout) if its recorded arch list covers `cap`."""
     so, meta = root / name / f"{name}.so", root / name / "build.json"
     if so.exists() and meta.exists():
         try:
@@ -219,6 +235,17 @@ def _find_prebuilt(root: Path, name: str, cap: tuple[int, int]) -> Optional[Path
     return None
 
 
+def find_prebuilt(capability: tuple[int, int]) -> Optional[Path]:
+    """The current sources' prebuilt library for a GPU of `capability`: the AOT dir first, then the JIT cache."""
+    name = extension_name()
+    return next((so for root in (aot_dir(), cache_dir()) if (so := prebuilt_in(root, name, capability))), None)
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why available() said no (None before it was asked, or when it said yes)."""
+    return _state["reason"]
+
+
 def load() -> None:
     """Load the kernel library once: prebuilt (AOT dir, then cache), else JIT-compile into the cache."""
     if _state["loaded"]:
@@ -226,13 +253,11 @@ def load() -> None:
     if not torch.cuda.is_available():
         check_toolchain()  # raises with the reason
     cap = torch.cuda.get_device_capability()
-    name = extension_name()
-    for root in (aot_dir(), cache_dir()):
-        so = _find_prebuilt(root, name, cap)
-        if so is not None:
-            torch.ops.load_library(str(so))
-            _state.update(loaded=True, path=str(so))
-            return
+    so = find_prebuilt(cap)
+    if so is not None:
+        torch.ops.load_library(str(so))
+        _state.update(loaded=True, path=str(so))
+        return
     # JIT for exactly this GPU, so a mismatching TORCH_CUDA_ARCH_LIST cannot produce an unusable build
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or ""
     build(cache_dir(), arch_list=arch if arch and arch_covers(arch, cap) else f"{cap[0]}.{cap[1]}")
@@ -277,7 +302,7 @@ def wkv7_forward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
                  b: torch.Tensor, s0: Optional[torch.Tensor], save: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
     load()
-    return torch.ops.rwkv7_wkv7_ext.forward(r, w, k, v, a, b, s0, save, FWD_LANES)
+    return torch.ops.rwkv7_wkv7_ext.forward(r, w, k, v, a, b, s0, save, lanes().fwd)
 
 
 @wkv7_forward.register_fake

@@ -196,10 +196,7 @@ def test_server_down_is_a_clear_error_and_falls_back_to_local_copy(hub, env, mon
 def test_not_enough_disk_space(hub, env, monkeypatch):
     import rwkv7.data.fetch as f
 
-    class Usage:
-        free = 1000
-
-    monkeypatch.setattr(f.shutil, "disk_usage", lambda p: Usage)
+    monkeypatch.setattr(f, "free_bytes", lambda p: 1000)
     with pytest.raises(UserError, match="not enough disk space"):
         fetch(hub, env / "data")
     assert hub.count("GET") == 0

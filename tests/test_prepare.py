@@ -298,16 +298,16 @@ def test_check_rejects_truncated_bin(tmp_path, capsys):
 def test_interrupt_leaves_no_partial_output(tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "a.jsonl", [f"doc {i}" for i in range(300)])
     monkeypatch.setattr(prep, "CHUNK_BYTES", 128)
-    real = prep._encode_task
+    real = prep.encode_task
     calls = {"n": 0}
 
-    def flaky(task):
+    def flaky(cfg, task):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt  # as Ctrl-C would, mid-run in the main process
-        return real(task)
+        return real(cfg, task)
 
-    monkeypatch.setattr(prep, "_encode_task", flaky)
+    monkeypatch.setattr(prep, "encode_task", flaky)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare([src], tmp_path / "o", workers=1, progress=False)

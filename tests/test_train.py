@@ -228,7 +228,7 @@ def test_deepspeed_checkpoint_on_another_gpu_count_is_refused_clearly(tmp_path):
 
     from rwkv7.errors import UserError
     from rwkv7.recipe import load_recipe
-    from rwkv7.train.run import find_resume
+    from rwkv7.train.resume import find_resume
 
     recipe = load_recipe("0.1b", ["train.devices=4", "train.micro_bsz=4"])
     ck = tmp_path / "ckpt" / "step-00000010"
@@ -238,3 +238,107 @@ def test_deepspeed_checkpoint_on_another_gpu_count_is_refused_clearly(tmp_path):
     with pytest.raises(UserError, match="ZeRO shards of 2 GPU"):
         find_resume(tmp_path, recipe, force=False)
     assert find_resume(tmp_path, load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8"]), False)[1].step == 10
+
+
+def assert_same_run_as_reference(out, reference_run):
+    ref, got = losses(reference_run), losses(out)
+    assert sorted(got) == sorted(ref) == [0, 1, 2, 3]
+    for e in ref:
+        assert abs(got[e] - ref[e]) <= 1e-6, (e, got[e], ref[e])
+    epoch_lines = [ln for ln in (out / "train_log.txt").read_text().splitlines() if not ln.startswith(("NEW", "{"))]
+    assert len(epoch_lines) == 4  # no duplicated, lost or torn lines
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+
+def test_sigterm_130_resume_kill_before_log_line_and_signal_at_the_end(reference_run, tmp_path):
+    """One run interrupted three ways, ending exactly as the uninterrupted run did:
+    1. SIGTERM (what a scheduler sends) after step 7: step 8 finishes, is checkpointed mid mini-epoch, exit 130;
+    2. resumed from step 8, SIGKILL after the checkpoint of step 10 is committed but before mini-epoch 1's line is
+       in train_log.txt: the next resume writes that line from the checkpoint's records;
+    3. resumed from step 10, SIGINT after step 19: the run stops at step 20, its last, so it is finished (exit 0,
+       rwkv-final.pth), not interrupted."""
+    out = tmp_path / "run"
+    p = run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": "sigterm@7"}, check=False)
+    assert p.returncode == 130, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "stopped by a signal at step 8" in p.stdout and "Traceback" not in p.stderr
+    assert ckpt_steps(out) == [5, 8] and not (out / "rwkv-final.pth").exists()
+
+    p = run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": "kill-log@10"}, check=False)
+    assert p.returncode == -signal.SIGKILL and "from step-00000008" in p.stdout
+    assert sorted(losses(out)) == [0] and ckpt_steps(out) == [8, 10]
+
+    p = run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": "sigint@19"}, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "from step-00000010" in p.stdout and (out / "rwkv-final.pth").is_file()
+    assert_same_run_as_reference(out, reference_run)
+
+
+def test_sigint_from_outside_stops_cleanly_with_130_and_resumes_exactly(reference_run, tmp_path):
+    """Ctrl-C (SIGINT to the process) once the first mini-epoch is logged: exit 130 at the end of the current step,
+    then an exact resume."""
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, "--no-check"), cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "train_log.txt"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (
+            log.is_file() and any(ln.startswith("0 ") for ln in log.read_text().splitlines())):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "stopped by a signal" in stdout and "Traceback" not in stderr
+    stopped_at = int(stdout.split("stopped by a signal at step ")[1].split(";")[0])
+    assert 5 < stopped_at < 20 and ckpt_steps(out)[-1] == stopped_at
+    p = run_train(out, "--no-check")
+    assert "resuming" in p.stdout
+    assert_same_run_as_reference(out, reference_run)
+
+
+def ckpt_steps(out):
+    return [int(d.name.split("-")[1]) for d in sorted((out / "ckpt").iterdir())]
+
+
+def test_fresh_ignores_existing_checkpoints_and_starts_over(reference_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    (out / "rwkv-final.pth").unlink()
+    p = run_train(out, "--no-check", "--fresh")
+    assert "resuming" not in p.stdout and "nothing to do" not in p.stdout
+    assert (out / "train_log.txt").read_text().count("NEW RUN") == 1  # a new run's log, not an appended one
+    assert (out / "rwkv-final.pth").is_file()
+    assert_same_run_as_reference(out, reference_run)
+
+
+def test_rotation_keeps_exactly_keep_checkpoints(reference_run):
+    """epoch_save=1 checkpoints steps 5, 10, 15, 20; train.keep_checkpoints (2) newest stay, every rwkv-N.pth too."""
+    assert ckpt_steps(reference_run) == [15, 20]
+    assert all((reference_run / f"rwkv-{e}.pth").is_file() for e in range(4))
+
+
+def test_each_parameter_group_trained_with_its_official_lr(reference_run):
+    """The optimizer state of the last checkpoint: every group's lr is the schedule's lr of the last step times its
+    my_lr_scale (official-rwkv7-trainer.md §3.3: lr_2x twice, the others once), weight decay only on lr_decay (§3.1)."""
+    from rwkv7 import checkpoint
+    from rwkv7.recipe import load_recipe
+    from rwkv7.train.schedule import learning_rate
+
+    recipe = load_recipe("tiny")
+    meta = json.loads((reference_run / "run.json").read_text())
+    lr = learning_rate(19, recipe.train.lr_init, recipe.train.lr_final, recipe.train.warmup_steps,
+                       recipe.tokens_per_step, meta["my_exit_tokens"])  # step 20 ran with the lr of 19 steps done
+    groups = {g["name"]: g for g in checkpoint.load_plain_state(reference_run / "ckpt" / "step-00000020")
+              ["optimizer"]["param_groups"]}
+    assert {k: g["lr"] for k, g in groups.items()} == {"lr_1x": lr, "lr_2x": 2 * lr, "lr_decay": lr}
+    assert {k: g["weight_decay"] for k, g in groups.items()} == {"lr_1x": 0.0, "lr_2x": 0.0,
+                                                                  "lr_decay": recipe.train.weight_decay}
+    assert f"{lr:.8f}" == losses_lr(reference_run)[3]  # and the log's lr column is the same number
+
+
+def losses_lr(out):
+    return {r.epoch: f"{r.lr:.8f}" for r in parse_log(Path(out) / "train_log.txt")}

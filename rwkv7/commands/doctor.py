@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rwkv7.commands.train import overrides, recipe_parser
+from rwkv7.cliargs import overrides, recipe_parser
 
 
 def register(sub) -> None:
@@ -20,7 +20,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from rwkv7.doctor import FAIL, WARN, iter_checks
+    from rwkv7.doctor import iter_checks
+    from rwkv7.preflight import FAIL, WARN
     from rwkv7.errors import UserError
     from rwkv7.recipe import load_recipe
 

@@ -29,12 +29,12 @@ def run(args) -> int:
         raise UserError(f"--ctx-len must be >= 1 (got {args.ctx_len})")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1 (got {args.batch})")
-    from rwkv7.commands.generate import load_model
+    from rwkv7.cliargs import open_model
     from rwkv7.data.binidx import open_binidx
     from rwkv7.evaluate import evaluate_loss, perplexity
 
     data = open_binidx(args.data)  # cheap structural checks before loading the model
-    model, path = load_model(args.model, args.device, args.dtype)
+    model, path = open_model(args.model, args.device, args.dtype)
     loss, n = evaluate_loss(model, data.tokens, args.ctx_len, args.tokens, args.batch)
     result = {"loss": loss, "perplexity": perplexity(loss), "tokens": n, "windows": n // args.ctx_len,
               "ctx_len": args.ctx_len, "model": str(path), "data": data.prefix,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import re
 import sys
-from pathlib import Path
 
 from rwkv7.errors import UserError
 
@@ -49,36 +48,6 @@ def check_sampling_args(args) -> None:
         raise UserError(f"--batch must be >= 1 (got {args.batch})")
     if not args.prompt:
         raise UserError("--prompt is empty: give at least one token of prompt")
-
-
-def resolve_device(name: str, dtype_name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible to torch: use --device cpu")
-    if dtype_name == "auto":
-        dtype_name = "bf16" if name == "cuda" else "fp32"
-    return torch.device(name), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-
-
-def model_path(arg: str) -> Path:
-    """The weights file; like the rwkv package, a path without its .pth suffix is accepted."""
-    p = Path(arg)
-    if not p.is_file() and not arg.endswith(".pth") and Path(arg + ".pth").is_file():
-        return Path(arg + ".pth")
-    if not p.is_file():
-        raise UserError(f"model file {p} not found: give an rwkv-*.pth written by `rwkv7 train`")
-    return p
-
-
-def load_model(arg: str, device_name: str = "auto", dtype_name: str = "auto"):
-    from rwkv7.checkpoint import load_weights
-
-    path = model_path(arg)
-    device, dtype = resolve_device(device_name, dtype_name)
-    return load_weights(path, device=device, dtype=dtype), path
 
 
 def pick_tokenizer(name: str, vocab: int) -> str:
@@ -143,9 +112,10 @@ class Printer:
 
 def run(args) -> int:
     check_sampling_args(args)
+    from rwkv7.cliargs import open_model
     from rwkv7.generate import generate
 
-    model, path = load_model(args.model, args.device, args.dtype)
+    model, path = open_model(args.model, args.device, args.dtype)
     vocab = model.shape.vocab_size
     tok = pick_tokenizer(args.tokenizer, vocab)
     ids = encode_prompt(args.prompt, tok, vocab)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rwkv7.commands.train import overrides, recipe_parser
+from rwkv7.cliargs import overrides, recipe_parser
 
 
 def register(sub) -> None:
@@ -17,8 +17,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from rwkv7.checkpoint import save_weights
-    from rwkv7.doctor import folder_problem
     from rwkv7.errors import UserError
+    from rwkv7.fsutil import folder_problem
     from rwkv7.init import init_model, parameter_table
     from rwkv7.model import ModelShape, RWKV7
     from rwkv7.recipe import load_recipe

@@ -1,7 +1,7 @@
 """`rwkv7 plan --recipe R --gpus N [--gpu-mem GiB]`: memory per GPU for each strategy, throughput, time to finish."""
 from __future__ import annotations
 
-from rwkv7.commands.train import overrides, recipe_parser
+from rwkv7.cliargs import overrides, recipe_parser
 
 
 def register(sub) -> None:

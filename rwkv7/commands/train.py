@@ -1,26 +1,10 @@
 """`rwkv7 train --recipe NAME [--set section.key=value]... [--out DIR]`: train, then check the loss trajectory."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-
-def add_recipe_args(p) -> None:
-    p.add_argument("--recipe", default="tiny", help="recipe name (see `rwkv7 recipes`) or a .toml path [tiny]")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   nargs="+", help="override a recipe value, e.g. --set train.micro_bsz=8 (repeatable)")
-
-
-def recipe_parser(sub, name: str, help: str, description: str, out_help: str | None = None):
-    """A command parser with the shared --recipe/--set arguments (and --out when out_help is given)."""
-    p = sub.add_parser(name, help=help, description=description)
-    add_recipe_args(p)
-    if out_help:
-        p.add_argument("--out", help=out_help)
-    return p
-
-
-def overrides(args) -> list[str]:
-    return [o for group in args.overrides for o in group]
+from rwkv7.cliargs import overrides, recipe_parser
 
 
 def register(sub) -> None:
@@ -47,8 +31,21 @@ def run(args) -> int:
         import shutil
 
         shutil.rmtree(out / "ckpt", ignore_errors=True)
-    from rwkv7.train.run import run_training
+    from rwkv7.train.run import RunOptions, run_training
 
-    return run_training(recipe, out, resume=not args.fresh, force_resume=args.force_resume,
-                        load_model=args.load_model, progress=not args.no_progress, check=not args.no_check,
-                        wandb_project=args.wandb)
+    options = RunOptions(resume=not args.fresh, force_resume=args.force_resume, load_model=args.load_model,
+                         progress=not args.no_progress, check=not args.no_check, wandb_project=args.wandb,
+                         **options_from_env(os.environ))
+    return run_training(recipe, out, options)
+
+
+def options_from_env(environ) -> dict:
+    """The run's environment switches, read here once: RWKV7_PROFILE_STEP=N (profile steps N..N+2 into
+    profile.txt) and RWKV7_TEST_FAULT (fault injection for the reliability tests, rwkv7/testhooks.py)."""
+    from rwkv7.errors import UserError
+    from rwkv7.testhooks import faults_from_env
+
+    step = environ.get("RWKV7_PROFILE_STEP") or None
+    if step is not None and not step.strip().isdigit():
+        raise UserError(f"RWKV7_PROFILE_STEP={step!r}: give a step number (steps N..N+2 are profiled)")
+    return {"profile_step": int(step) if step is not None else None, "faults": faults_from_env(environ)}

@@ -106,46 +106,6 @@ def check_vocab(data: BinIdx, vocab_size: int, sample: int = 1 << 20) -> None:
                         "another tokenizer, or set model.vocab_size to match it")
 
 
-def write_binidx(prefix: str | os.PathLike, docs: Iterable[np.ndarray], dtype=np.uint16) -> tuple[int, int]:
-    """Write documents (1-D int arrays) as binidx; atomic: both files appear complete or not at all.
-
-    Returns (documents, tokens).
-    """
-    dtype = np.dtype(dtype)
-    bin_path, idx_path = paths(prefix)
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f".{os.getpid()}.tmp"  # per process: two ranks generating the same corpus never share a temp file
-    tmp_bin, tmp_idx = bin_path.with_name(bin_path.name + tag), idx_path.with_name(idx_path.name + tag)
-    sizes: list[int] = []
-    try:
-        with open(tmp_bin, "wb") as f:
-            for d in docs:
-                arr = np.asarray(d)
-                if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(dtype).max):
-                    raise UserError(f"token id out of range for {dtype} while writing {bin_path}")
-                f.write(arr.astype(dtype).tobytes())
-                sizes.append(int(arr.size))
-            f.flush()
-            os.fsync(f.fileno())
-        n = len(sizes)
-        size_arr = np.asarray(sizes, np.int32)
-        pointers = np.zeros(n, np.int64)
-        if n:
-            pointers[1:] = np.cumsum(size_arr[:-1].astype(np.int64)) * dtype.itemsize
-        with open(tmp_idx, "wb") as f:
-            f.write(MAGIC + struct.pack("<QBQQ", 1, DTYPE_CODES[dtype], n, n + 1))
-            f.write(size_arr.tobytes() + pointers.tobytes() + np.arange(n + 1, dtype=np.int64).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    finally:
-        for t in (tmp_bin, tmp_idx):
-            if t.exists():
-                t.unlink()
-    return len(sizes), int(sum(sizes))
-
-
 class BinIdxWriter:
     """Streaming binidx writer with constant memory: tokens and sizes go to temp files next to the target,
     `commit()` writes the index and renames (the .idx last, so a pair is complete once the .idx is there),
@@ -243,3 +203,15 @@ class BinIdxWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def write_binidx(prefix: str | os.PathLike, docs: Iterable[np.ndarray], dtype=np.uint16) -> tuple[int, int]:
+    """Write documents (1-D int arrays) as binidx; atomic: both files appear complete or not at all.
+
+    Returns (documents, tokens).
+    """
+    with BinIdxWriter(prefix, dtype) as w:
+        for d in docs:
+            arr = np.asarray(d).reshape(-1)
+            w.add(arr, np.asarray([arr.size]))
+        return w.commit()

@@ -21,12 +21,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from rwkv7.errors import UserError
+from rwkv7.fsutil import free_bytes
 
 DEFAULT_REPO = "BlinkDL/minipile-tokenized"
 DEFAULT_FILES = ("rwkv_vocab_v20230424/minipile.idx", "rwkv_vocab_v20230424/minipile.bin")
@@ -39,8 +39,9 @@ DISK_MARGIN = 256 << 20  # leave this much free after the download
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value: no network, local copies only (read at call time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def endpoint_from_env(endpoint: str | None = None) -> str:
@@ -101,7 +102,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _bin_prefix(files: Sequence[str]) -> str:
+def hub_prefix(files: Sequence[str]) -> str:
+    """The binidx prefix (path in the repo without .bin) of a [idx, bin] pair."""
     bins = [f for f in files if f.endswith(".bin")]
     idxs = [f for f in files if f.endswith(".idx")]
     if len(bins) != 1 or len(idxs) != 1 or bins[0][:-4] != idxs[0][:-4]:
@@ -233,10 +235,7 @@ def _clean_stale_incomplete(data_dir: Path, filename: str, max_age_s: float = 60
 def _check_disk(data_dir: Path, need: int) -> None:
     if need <= 0:
         return
-    probe = data_dir
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(data_dir)
     if free < need + DISK_MARGIN:
         raise UserError(f"not enough disk space in {data_dir}: the download needs {need / 1e9:.2f} GB "
                         f"(+{DISK_MARGIN >> 20} MB margin), {free / 1e9:.2f} GB free; free space or pick another "
@@ -253,113 +252,132 @@ def _remove_local(data_dir: Path, filename: str) -> None:
             pass
 
 
-def fetch_dataset(repo_id: str = DEFAULT_REPO, files: Sequence[str] = DEFAULT_FILES, data_dir: str | os.PathLike = "data",
-                  revision: str | None = None, sha256: Mapping[str, str] | Sequence[str] | None = None,
-                  endpoint: str | None = None, *, vocab_size: int = 65536, force: bool = False,
-                  quiet: bool = False) -> Path:
-    """Download (or find locally) a binidx pair from a Hub dataset repo, verify it, return its prefix path."""
-    repo_id = repo_id or DEFAULT_REPO
-    files = list(files or DEFAULT_FILES)
-    rel_prefix = _bin_prefix(files)
-    sha = parse_sha256(sha256)
-    endpoint = endpoint_from_env(endpoint)
-    offline = _env_true("HF_HUB_OFFLINE")
-    data_dir = Path(data_dir).expanduser().resolve()
-    if offline and force:
-        raise UserError("--force needs the network, but HF_HUB_OFFLINE is set")
+def _writable_dir(data_dir: Path) -> Path:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --data-dir {data_dir}: {e.strerror or e}") from None
     if not os.access(data_dir, os.W_OK):
         raise UserError(f"--data-dir {data_dir} is not writable")
+    return data_dir
 
-    from huggingface_hub import hf_hub_download
 
-    manifest = _Manifest(data_dir)
-    metas: dict[str, object] = {}
-    if not offline:
-        # HEAD each file first: fail fast on network/repo errors, learn sizes for the disk check
-        need = 0
-        for f in files:
-            local = data_dir / f
-            try:
-                metas[f] = meta = _remote_metadata(repo_id, f, revision, endpoint)
-            except Exception as e:  # noqa: BLE001 - narrowed by _is_network_error / translated below
-                from huggingface_hub import errors as hf_errors
+def _head(repo_id: str, f: str, revision: str | None, endpoint: str, data_dir: Path, quiet: bool):
+    """The Hub's metadata for one file; None when the Hub is unreachable but a local copy exists."""
+    from huggingface_hub import errors as hf_errors
 
-                if isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError,
-                                  _remote_missing(), hf_errors.GatedRepoError,
-                                  hf_errors.HFValidationError)):
-                    raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
-                if not _is_network_error(e):
-                    raise
-                if not local.is_file():
-                    raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
-                metas[f] = None  # unreachable, but a local copy exists: huggingface_hub will fall back to it
-                if not quiet:
-                    print(f"warning: {endpoint} unreachable ({_first_line(e)}); using local {local}")
-                continue
-            if meta.commit_hash is None or meta.etag is None:
-                raise UserError(f"{endpoint} did not answer like a Hugging Face Hub (no X-Repo-Commit/ETag for "
-                                f"{f}): check HF_ENDPOINT")
-            if force or not local.is_file() or (meta.size is not None and local.stat().st_size != meta.size):
-                need += meta.size or 0
-                _clean_stale_incomplete(data_dir, f)
-        _check_disk(data_dir, need)
-
-    for f in files:
-        local = data_dir / f
-        meta = metas.get(f)
-        try:
-            path = hf_hub_download(repo_id, f, repo_type=REPO_TYPE, revision=revision, local_dir=data_dir,
-                                   cache_dir=_cache_dir(), endpoint=endpoint, local_files_only=offline,
-                                   force_download=force)
-        except KeyboardInterrupt:
+    try:
+        meta = _remote_metadata(repo_id, f, revision, endpoint)
+    except Exception as e:  # noqa: BLE001 - narrowed by _is_network_error / translated below
+        if isinstance(e, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, _remote_missing(),
+                          hf_errors.GatedRepoError, hf_errors.HFValidationError)):
+            raise _translate(e, endpoint, repo_id, f, revision, False, data_dir) from None
+        if not _is_network_error(e):
             raise
-        except Exception as e:  # noqa: BLE001
-            from huggingface_hub import errors as hf_errors
+        if not (data_dir / f).is_file():
+            raise _translate(e, endpoint, repo_id, f, revision, False, data_dir) from None
+        if not quiet:  # huggingface_hub will fall back to the local copy
+            print(f"warning: {endpoint} unreachable ({_first_line(e)}); using local {data_dir / f}")
+        return None
+    if meta.commit_hash is None or meta.etag is None:
+        raise UserError(f"{endpoint} did not answer like a Hugging Face Hub (no X-Repo-Commit/ETag for "
+                        f"{f}): check HF_ENDPOINT")
+    return meta
 
-            if force and isinstance(e, ValueError) and "Force download failed" in str(e):
-                e = e.__cause__ or e
-            elif not (_is_network_error(e) or isinstance(e, (OSError, hf_errors.HFValidationError))):
-                raise
-            raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
-        local = Path(path)
-        size = local.stat().st_size
-        remote_size = getattr(meta, "size", None)
-        expected = remote_size if remote_size is not None else KNOWN_SIZES.get((repo_id, f))
-        if (repo_id, f) in KNOWN_SIZES and remote_size is not None and remote_size != KNOWN_SIZES[(repo_id, f)]:
-            expected = remote_size  # the Hub changed the file; trust its metadata but say so
-            if not quiet:
-                print(f"note: {f} on the Hub is {remote_size} bytes, not the documented {KNOWN_SIZES[(repo_id, f)]}")
-        if expected is not None and size != expected:
-            manifest.drop(f)
-            raise UserError(f"{local} is {size} bytes, expected {expected} (incomplete or changed download): "
-                            "run `rwkv7 fetch --force` to download it again")
-        etag = getattr(meta, "etag", None)
-        want = _sha_for(f, sha)
-        lfs_sha = etag if etag and _SHA256.match(etag) else None
-        known = manifest.get(f, local)
-        have = known.get("sha256") if known else None
-        must_hash = (want and want != have) or (lfs_sha and lfs_sha != have)
-        if must_hash:
-            if not quiet and size > (256 << 20):
-                print(f"checking sha256 of {local} ({size / 1e9:.2f} GB) ...")
-            have = _sha256_file(local)
-        if lfs_sha and have and have != lfs_sha:
-            _remove_local(data_dir, f)
-            manifest.drop(f)
-            raise UserError(f"{f} from {endpoint} is corrupt: sha256 {have[:16]}... does not match the Hub's "
-                            f"{lfs_sha[:16]}...; removed it, run the command again to re-download")
-        if want and have != want:
-            manifest.drop(f)
-            raise UserError(f"{local}: sha256 {have} does not match the expected {want} (--sha256/data.sha256): "
-                            "check the value, or delete the file and fetch again")
-        manifest.put(f, local, sha256=have, etag=etag, repo=repo_id)
 
+def _head_all(repo_id: str, files: list[str], revision: str | None, endpoint: str, data_dir: Path, force: bool,
+              quiet: bool) -> dict:
+    """HEAD each file first: fail fast on network/repo errors, learn sizes for the disk check."""
+    metas, need = {}, 0
+    for f in files:
+        metas[f] = meta = _head(repo_id, f, revision, endpoint, data_dir, quiet)
+        local = data_dir / f
+        if meta is not None and (force or not local.is_file()
+                                 or (meta.size is not None and local.stat().st_size != meta.size)):
+            need += meta.size or 0
+            _clean_stale_incomplete(data_dir, f)
+    _check_disk(data_dir, need)
+    return metas
+
+
+def _download(repo_id: str, f: str, revision: str | None, endpoint: str, data_dir: Path, offline: bool,
+              force: bool) -> Path:
+    from huggingface_hub import errors as hf_errors, hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, f, repo_type=REPO_TYPE, revision=revision, local_dir=data_dir,
+                                    cache_dir=_cache_dir(), endpoint=endpoint, local_files_only=offline,
+                                    force_download=force))
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if force and isinstance(e, ValueError) and "Force download failed" in str(e):
+            e = e.__cause__ or e
+        elif not (_is_network_error(e) or isinstance(e, (OSError, hf_errors.HFValidationError))):
+            raise
+        raise _translate(e, endpoint, repo_id, f, revision, offline, data_dir) from None
+
+
+def _expected_size(repo_id: str, f: str, meta, quiet: bool) -> int | None:
+    remote_size = getattr(meta, "size", None)
+    known = KNOWN_SIZES.get((repo_id, f))
+    if known is not None and remote_size is not None and remote_size != known and not quiet:
+        # the Hub changed the file; trust its metadata but say so
+        print(f"note: {f} on the Hub is {remote_size} bytes, not the documented {known}")
+    return remote_size if remote_size is not None else known
+
+
+def _verify(local: Path, f: str, meta, want: str | None, manifest: _Manifest, repo_id: str, endpoint: str,
+            data_dir: Path, quiet: bool) -> None:
+    """Size, then sha256 (against the Hub's LFS ETag and the expected value), remembered in the manifest."""
+    size = local.stat().st_size
+    expected = _expected_size(repo_id, f, meta, quiet)
+    if expected is not None and size != expected:
+        manifest.drop(f)
+        raise UserError(f"{local} is {size} bytes, expected {expected} (incomplete or changed download): "
+                        "run `rwkv7 fetch --force` to download it again")
+    etag = getattr(meta, "etag", None)
+    lfs_sha = etag if etag and _SHA256.match(etag) else None
+    known = manifest.get(f, local)
+    have = known.get("sha256") if known else None
+    if (want and want != have) or (lfs_sha and lfs_sha != have):
+        if not quiet and size > (256 << 20):
+            print(f"checking sha256 of {local} ({size / 1e9:.2f} GB) ...")
+        have = _sha256_file(local)
+    if lfs_sha and have and have != lfs_sha:
+        _remove_local(data_dir, f)
+        manifest.drop(f)
+        raise UserError(f"{f} from {endpoint} is corrupt: sha256 {have[:16]}... does not match the Hub's "
+                        f"{lfs_sha[:16]}...; removed it, run the command again to re-download")
+    if want and have != want:
+        manifest.drop(f)
+        raise UserError(f"{local}: sha256 {have} does not match the expected {want} (--sha256/data.sha256): "
+                        "check the value, or delete the file and fetch again")
+    manifest.put(f, local, sha256=have, etag=etag, repo=repo_id)
+
+
+def fetch_dataset(repo_id: str = DEFAULT_REPO, files: Sequence[str] = DEFAULT_FILES, data_dir: str | os.PathLike = "data",
+                  revision: str | None = None, sha256: Mapping[str, str] | Sequence[str] | None = None,
+                  endpoint: str | None = None, *, vocab_size: int = 65536, force: bool = False,
+                  quiet: bool = False) -> Path:
+    """Download (or find locally) a binidx pair from a Hub dataset repo, verify it, return its prefix path."""
     from rwkv7.data.binidx import check_vocab, open_binidx
 
+    repo_id = repo_id or DEFAULT_REPO
+    files = list(files or DEFAULT_FILES)
+    rel_prefix = hub_prefix(files)
+    sha = parse_sha256(sha256)
+    endpoint = endpoint_from_env(endpoint)
+    offline = hub_offline()
+    data_dir = Path(data_dir).expanduser().resolve()
+    if offline and force:
+        raise UserError("--force needs the network, but HF_HUB_OFFLINE is set")
+    _writable_dir(data_dir)
+    manifest = _Manifest(data_dir)
+    metas = {} if offline else _head_all(repo_id, files, revision, endpoint, data_dir, force, quiet)
+    for f in files:
+        local = _download(repo_id, f, revision, endpoint, data_dir, offline, force)
+        _verify(local, f, metas.get(f), _sha_for(f, sha), manifest, repo_id, endpoint, data_dir, quiet)
     prefix = data_dir / rel_prefix
     data = open_binidx(prefix)
     check_vocab(data, vocab_size)

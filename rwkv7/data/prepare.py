@@ -122,74 +122,76 @@ def _task_bytes(task) -> int:
 
 # ----------------------------------------------------------------------------------------- tokenizing (workers)
 
-_CFG: dict = {}
+@dataclass(frozen=True)
+class EncodeConfig:
+    """What every tokenizing task needs besides its text (sent along with each task: no worker globals)."""
+
+    text_key: str = "text"
+    skip_bad: bool = False
+    backend: str | None = None
 
 
-def _init_worker(text_key: str, skip_bad: bool, backend: str | None, in_pool: bool = True) -> None:
-    if in_pool:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    _CFG.update(text_key=text_key, skip_bad=skip_bad, backend=backend)
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # in pool workers: Ctrl-C is the main process's to handle
 
 
-def _encode_task(task):
-    """-> (uint16 tokens, int64 sizes, errors [(line, reason)], empty count, input bytes)."""
+def _jsonl_text(line: bytes, key: str) -> tuple[str | None, str | None]:
+    """One JSONL line -> (its text, None) or (None, why it is malformed)."""
+    try:
+        obj = json.loads(line)
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8"
+    except ValueError as e:
+        return None, f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object with a \"{key}\" key, got {type(obj).__name__}"
+    if key not in obj:
+        keys = ", ".join(list(obj)[:5]) or "none"
+        return None, f"no \"{key}\" key (keys: {keys}); choose the key with --text-key"
+    if not isinstance(obj[key], str):
+        return None, f"\"{key}\" is a {type(obj[key]).__name__}, not a string"
+    return obj[key], None
+
+
+def _task_texts(task, key: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text or None, error or None) for every document of a task; blank text means an empty one."""
     kind, _, payload = task
-    enc = get_tokenizer(_CFG.get("backend")).encode
-    key, skip_bad = _CFG["text_key"], _CFG["skip_bad"]
+    if kind == "jsonl":
+        first, raw = payload
+        for i, line in enumerate(raw.split(b"\n")):
+            if line.strip():
+                yield (first + i, *_jsonl_text(line, key))
+        return
+    for line_no, raw in payload:
+        try:
+            yield line_no, raw.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            yield line_no + raw[:e.start].count(b"\n"), None, "not valid UTF-8 (give UTF-8 text)"
+
+
+def encode_task(cfg: EncodeConfig, task):
+    """-> (uint16 tokens, int64 sizes, errors [(line, reason)], empty count, input bytes)."""
+    enc = get_tokenizer(cfg.backend).encode
     flat = array.array("H")  # uint16, filled from the tokenizer's lists in C (fromlist)
     sizes: list[int] = []
     errors: list[tuple[int, str]] = []
     empty = 0
-
-    def add(text: str, line_no: int) -> bool:
-        try:
-            ids = enc(text)
-        except UnicodeEncodeError:
-            errors.append((line_no, "text is not valid Unicode (lone surrogate)"))
-            return False
-        flat.fromlist(ids)
-        flat.append(EOD)
-        sizes.append(len(ids) + 1)
-        return True
-
-    if kind == "jsonl":
-        first, raw = payload
-        for i, line in enumerate(raw.split(b"\n")):
-            if not line.strip():
-                continue
-            line_no = first + i
+    for line_no, text, error in _task_texts(task, cfg.text_key):
+        if error is not None:
+            errors.append((line_no, error))
+        elif task[0] != "jsonl" and not text.strip():
+            empty += 1
+        else:
             try:
-                obj = json.loads(line)
-            except UnicodeDecodeError:
-                errors.append((line_no, "not valid UTF-8"))
-            except ValueError as e:
-                errors.append((line_no, f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"))
+                ids = enc(text)
+            except UnicodeEncodeError:
+                errors.append((line_no, "text is not valid Unicode (lone surrogate)"))
             else:
-                if not isinstance(obj, dict):
-                    errors.append((line_no, f"expected a JSON object with a \"{key}\" key, got {type(obj).__name__}"))
-                elif key not in obj:
-                    keys = ", ".join(list(obj)[:5]) or "none"
-                    errors.append((line_no, f"no \"{key}\" key (keys: {keys}); choose the key with --text-key"))
-                elif not isinstance(obj[key], str):
-                    errors.append((line_no, f"\"{key}\" is a {type(obj[key]).__name__}, not a string"))
-                else:
-                    add(obj[key], line_no)
-            if errors and not skip_bad:
-                break
-    else:
-        for line_no, raw in payload:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = line_no + raw[:e.start].count(b"\n")
-                errors.append((line, "not valid UTF-8 (give UTF-8 text)"))
-            else:
-                if not text.strip():
-                    empty += 1
-                else:
-                    add(text, line_no)
-            if errors and not skip_bad:
-                break
+                flat.fromlist(ids)
+                flat.append(EOD)
+                sizes.append(len(ids) + 1)
+        if errors and not cfg.skip_bad:
+            break
     return np.frombuffer(flat, dtype=np.uint16), np.array(sizes, dtype=np.int64), errors, empty, _task_bytes(task)
 
 
@@ -226,108 +228,135 @@ def _pool_context():
     return mp.get_context("fork" if "fork" in methods and sys.platform.startswith("linux") else None)
 
 
+def _output_prefixes(out, val_fraction: float) -> tuple[str, str | None]:
+    prefix = str(paths(out)[0])[:-4]
+    if Path(prefix).is_dir() or not Path(prefix).name:
+        raise UserError(f"--out {out} is a directory: give a file prefix such as {Path(out) / 'mydata'}")
+    return prefix, prefix + "-val" if val_fraction > 0 else None
+
+
+def _check_options(val_fraction: float, ctx_len: int, workers: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if ctx_len <= 0:
+        raise UserError(f"--ctx-len must be positive, got {ctx_len}")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+
+
+def _tasks(files: list[Path], split_blank_lines: bool) -> Iterator[tuple]:
+    for i, p in enumerate(files):
+        if p.suffix.lower() == ".jsonl":
+            yield from _jsonl_tasks(i, p)
+        else:
+            yield from _txt_tasks(i, p, split_blank_lines)
+
+
+class _Collector:
+    """Takes each task's tokens in input order: reports or counts bad lines, splits off the held-out documents,
+    appends to the writers and counts into the PrepareResult."""
+
+    def __init__(self, res: PrepareResult, names: list[str], train_w: BinIdxWriter, val_w: BinIdxWriter | None,
+                 val_fraction: float, skip_bad: bool, bar):
+        self.res, self.names, self.train_w, self.val_w = res, names, train_w, val_w
+        self.val_fraction, self.skip_bad, self.bar = val_fraction, skip_bad, bar
+
+    def bad_lines(self, file_no: int, errors: list) -> None:
+        line, why = errors[0]
+        if not self.skip_bad:
+            raise UserError(f"{self.names[file_no]}, line {line}: {why} (fix it, or pass --skip-bad to skip "
+                            "malformed lines)")
+        if self.res.first_bad is None:
+            self.res.first_bad = f"{self.names[file_no]}:{line}: {why}"
+        self.res.bad += len(errors)
+
+    def __call__(self, task, result) -> None:
+        tokens, sizes, errors, empty, nbytes = result
+        res = self.res
+        if errors:
+            self.bad_lines(task[1], errors)
+        res.empty += empty
+        if sizes.size:
+            held = _val_mask(res.docs + res.val_docs, sizes.size, self.val_fraction)
+            if held.any():
+                per_token = np.repeat(held, sizes)
+                self.val_w.add(tokens[per_token], sizes[held])
+                res.val_docs += int(held.sum())
+                res.val_tokens += int(sizes[held].sum())
+                tokens, sizes = tokens[~per_token], sizes[~held]
+            self.train_w.add(tokens, sizes)
+            res.docs += int(sizes.size)
+            res.tokens += int(tokens.size)
+        res.bytes_in += nbytes
+        self.bar.update(nbytes)
+
+
+def _encode_all(tasks: Iterator[tuple], cfg: EncodeConfig, workers: int, collect) -> None:
+    """Tokenize every task (in a pool of `workers` processes when more than one) and hand the results to `collect`
+    in input order, with at most 2 x workers tasks in flight."""
+    if workers == 1:
+        for task in tasks:
+            collect(task, encode_task(cfg, task))
+        return
+    pool = _pool_context().Pool(workers, initializer=_ignore_sigint)
+    try:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append((task, pool.apply_async(encode_task, (cfg, task))))
+            while len(pending) >= 2 * workers:
+                t, r = pending.popleft()
+                collect(t, r.get())
+        while pending:
+            t, r = pending.popleft()
+            collect(t, r.get())
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _check_counts(res: PrepareResult, names: list[str], val_fraction: float) -> None:
+    if res.docs + res.val_docs == 0:
+        what = f"{res.bad} malformed lines skipped" if res.bad else "no documents"
+        raise UserError(f"nothing to write: {what} in {', '.join(names)}")
+    if res.docs == 0:
+        raise UserError("every document went to the validation split: lower --val-fraction")
+    if res.val_prefix and res.val_docs == 0:
+        raise UserError(f"--val-fraction {val_fraction} held out no document of {res.docs}: raise it or "
+                        "add documents")
+
+
 def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, text_key: str = "text",
             split_blank_lines: bool = False, val_fraction: float = 0.0, workers: int | None = None,
             skip_bad: bool = False, ctx_len: int = 512, progress: bool | None = None,
             backend: str | None = None) -> PrepareResult:
     """Tokenize `inputs` into the binidx `out` (and `out`-val when val_fraction > 0). See the module docstring."""
+    from tqdm.auto import tqdm
+
     files = _check_inputs(inputs)
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if ctx_len <= 0:
-        raise UserError(f"--ctx-len must be positive, got {ctx_len}")
     workers = int(workers or os.cpu_count() or 1)
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    prefix = str(paths(out)[0])[:-4]
-    if Path(prefix).is_dir() or not Path(prefix).name:
-        raise UserError(f"--out {out} is a directory: give a file prefix such as {Path(out) / 'mydata'}")
-    val_prefix = prefix + "-val" if val_fraction > 0 else None
+    _check_options(val_fraction, ctx_len, workers)
+    prefix, val_prefix = _output_prefixes(out, val_fraction)
     names = [str(p) for p in files]
     total_bytes = sum(p.stat().st_size for p in files)
     tok = get_tokenizer(backend)  # load once here: forked workers inherit it; also fails early if missing
     res = PrepareResult(prefix=prefix, val_prefix=val_prefix, workers=workers, backend=tok.backend, ctx_len=ctx_len)
-
-    def tasks():
-        for i, p in enumerate(files):
-            if p.suffix.lower() == ".jsonl":
-                yield from _jsonl_tasks(i, p)
-            else:
-                yield from _txt_tasks(i, p, split_blank_lines)
-
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     writers = [BinIdxWriter(prefix)]
-    pool = None
     try:
         if val_prefix:
             writers.append(BinIdxWriter(val_prefix))
-        train_w = writers[0]
-        val_w = writers[1] if val_prefix else None
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
-                   disable=(None if progress is None else not progress), dynamic_ncols=True)
-        with bar:
-            def handle(task, result):
-                tokens, sizes, errors, empty, nbytes = result
-                file_no = task[1]
-                if errors:
-                    line, why = errors[0]
-                    if not skip_bad:
-                        raise UserError(f"{names[file_no]}, line {line}: {why} (fix it, or pass --skip-bad to skip "
-                                        "malformed lines)")
-                    if res.first_bad is None:
-                        res.first_bad = f"{names[file_no]}:{line}: {why}"
-                    res.bad += len(errors)
-                res.empty += empty
-                if sizes.size:
-                    held = _val_mask(res.docs + res.val_docs, sizes.size, val_fraction)
-                    if held.any():
-                        per_token = np.repeat(held, sizes)
-                        val_w.add(tokens[per_token], sizes[held])
-                        res.val_docs += int(held.sum())
-                        res.val_tokens += int(sizes[held].sum())
-                        tokens, sizes = tokens[~per_token], sizes[~held]
-                    train_w.add(tokens, sizes)
-                    res.docs += int(sizes.size)
-                    res.tokens += int(tokens.size)
-                res.bytes_in += nbytes
-                bar.update(nbytes)
-
-            if workers == 1:
-                _init_worker(text_key, skip_bad, backend, in_pool=False)
-                for task in tasks():
-                    handle(task, _encode_task(task))
-            else:
-                pool = _pool_context().Pool(workers, initializer=_init_worker,
-                                            initargs=(text_key, skip_bad, backend))
-                pending: deque = deque()
-                for task in tasks():
-                    pending.append((task, pool.apply_async(_encode_task, (task,))))
-                    while len(pending) >= 2 * workers:
-                        t, r = pending.popleft()
-                        handle(t, r.get())
-                while pending:
-                    t, r = pending.popleft()
-                    handle(t, r.get())
-                pool.close()
-                pool.join()
-                pool = None
-
-        if res.docs + res.val_docs == 0:
-            what = f"{res.bad} malformed lines skipped" if res.bad else "no documents"
-            raise UserError(f"nothing to write: {what} in {', '.join(names)}")
-        if res.docs == 0:
-            raise UserError("every document went to the validation split: lower --val-fraction")
-        if val_w is not None and res.val_docs == 0:
-            raise UserError(f"--val-fraction {val_fraction} held out no document of {res.docs}: raise it or "
-                            "add documents")
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
+                  disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
+            collect = _Collector(res, names, writers[0], writers[1] if val_prefix else None, val_fraction,
+                                 skip_bad, bar)
+            _encode_all(_tasks(files, split_blank_lines), EncodeConfig(text_key, skip_bad, backend), workers, collect)
+        _check_counts(res, names, val_fraction)
         for w in writers:
             w.commit()
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         for w in writers:
             w.abort()
         raise

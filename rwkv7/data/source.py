@@ -52,6 +52,37 @@ def ensure_synthetic(recipe: Recipe) -> Path:
     return prefix
 
 
+@dataclass
+class DataLocation:
+    """Where a recipe's training data is, or will be once generated or downloaded (nothing is made here)."""
+
+    prefix: Path                    # the binidx prefix (without .bin/.idx)
+    present: bool                   # the files are there (a local binidx source is always taken as present)
+    folder: Path                    # where the files go when they are not there yet
+    download_bytes: int = 0         # hub: the known size of the download (0: unknown or nothing to download)
+
+
+def data_location(recipe: Recipe) -> DataLocation:
+    """The one switch over data.source; used by prepare_data (via locate), the preflight and the doctor."""
+    from rwkv7.data.binidx import paths
+
+    d = recipe.data
+    if d.source == "synthetic":
+        prefix = synthetic_prefix(recipe)
+        return DataLocation(prefix, all(p.is_file() for p in paths(prefix)), prefix.parent)
+    if d.source == "hub":
+        from rwkv7.data.fetch import KNOWN_SIZES, hub_prefix
+
+        data_dir = Path(d.data_dir).expanduser()
+        size = sum(KNOWN_SIZES.get((d.hub_repo, f), 0) for f in d.hub_files)
+        return DataLocation(data_dir / hub_prefix(d.hub_files), all((data_dir / f).is_file() for f in d.hub_files),
+                            data_dir, size)
+    if not d.path:
+        raise UserError(f"recipe {recipe.name!r} reads local binidx data: add --set data.path=PREFIX (the files "
+                        "without .bin/.idx); make them from text with `rwkv7 prepare`")
+    return DataLocation(Path(d.path), True, Path(d.path).parent)
+
+
 def locate(recipe: Recipe) -> Path:
     """The binidx prefix for the recipe, downloading or generating it when needed."""
     d = recipe.data
@@ -62,10 +93,7 @@ def locate(recipe: Recipe) -> Path:
 
         return Path(fetch_dataset(d.hub_repo, d.hub_files, d.data_dir, revision=d.hub_revision or None,
                                   sha256=d.sha256 or None))
-    if not d.path:
-        raise UserError(f"recipe {recipe.name!r} reads local binidx data: add --set data.path=PREFIX (the files "
-                        "without .bin/.idx); make them from text with `rwkv7 prepare`")
-    return Path(d.path)
+    return data_location(recipe).prefix
 
 
 def check_magic_prime(p: int, n_tokens: int, ctx_len: int, computed: bool = False) -> None:

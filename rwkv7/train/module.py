@@ -9,32 +9,11 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from rwkv7 import testhooks
 from rwkv7.init import GROUP_LR_SCALE, optimizer_group
 from rwkv7.model import RWKV7
 from rwkv7.recipe import Recipe
-from rwkv7.train.loss import L2WRAP_FACTOR, lm_loss, training_loss  # noqa: F401 (lm_loss re-exported)
-
-
-class L2Wrap(torch.autograd.Function):
-    """Forward: the loss unchanged. Backward: also push down the largest logit of every token.
-
-    Adds max_logit * 1e-4 / (B*T) at each token's argmax, scaled by the incoming gradient (RWKV-LM HEAD's form;
-    classic omitted the scaling, which is the same when the gradient is 1, as it is in training).
-    """
-
-    @staticmethod
-    def forward(ctx, loss, logits):
-        ctx.save_for_backward(logits)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (logits,) = ctx.saved_tensors
-        factor = L2WRAP_FACTOR / (logits.shape[0] * logits.shape[1])
-        maxx, ids = torch.max(logits, -1, keepdim=True)
-        gy = torch.zeros_like(logits).scatter_(-1, ids, maxx * (factor * grad_output.to(logits.dtype)))
-        return grad_output, gy
+from rwkv7.testhooks import Faults
+from rwkv7.train.loss import L2WRAP_FACTOR, lm_loss, training_loss  # noqa: F401 (re-exported)
 
 
 def param_groups(model: RWKV7, weight_decay: float) -> list[dict]:
@@ -54,8 +33,9 @@ class NonFiniteLoss(Exception):
 
 
 class RWKV7Module(pl.LightningModule):
-    def __init__(self, model: RWKV7, recipe: Recipe, bad_steps: int = 0):
+    def __init__(self, model: RWKV7, recipe: Recipe, bad_steps: int = 0, faults: Faults | None = None):
         super().__init__()
+        self.faults = faults or Faults()
         self.model = model
         self.recipe = recipe
         self.run_step = 0            # the run's global step, set by the tracker before each batch
@@ -67,7 +47,7 @@ class RWKV7Module(pl.LightningModule):
         self.check_now = recipe.train.accelerator == "cpu" or recipe.train.max_bad_steps > 0
         # strategy single on a GPU: forward + backward replayed as one CUDA graph (rwkv7/train/graphed.py); the
         # optimizer step then runs here (manual optimization). Skipping bad steps needs the eager path.
-        self.use_graph = (recipe.train.strategy == "single" and recipe.train.cuda_graph and not self.check_now
+        self.use_graph = (recipe.train.strategy.supports_cuda_graph and recipe.train.cuda_graph and not self.check_now
                           and torch.cuda.is_available())
         self.automatic_optimization = not self.use_graph
         self.graphed = None
@@ -80,8 +60,7 @@ class RWKV7Module(pl.LightningModule):
         if self.use_graph:
             return self._graphed_step(x, y)
         loss = training_loss(self.model, x, y)
-        if testhooks.fault("nan", self.run_step):
-            loss = loss * float("nan")
+        loss = self.faults.loss(self.run_step, loss)
         if self.check_now and not torch.isfinite(loss.detach()):
             return self._bad_step(f"loss is {float(loss)}", loss)
         return loss
@@ -93,8 +72,7 @@ class RWKV7Module(pl.LightningModule):
             self.optimizers().optimizer.keep_model_grads = True  # the graph's gradient buffers are fixed
             self.graphed = GraphedStep(self.model, training_loss, x, y)
         loss = self.graphed(x, y)
-        if testhooks.fault("nan", self.run_step):
-            loss = loss * float("nan")
+        loss = self.faults.loss(self.run_step, loss)
         self.optimizers().step()  # MasterWeightAdamW: copy, clip, AdamW on the fp32 masters, copy back
         return loss
 
@@ -105,7 +83,7 @@ class RWKV7Module(pl.LightningModule):
             raise NonFiniteLoss(f"training diverged at step {self.run_step}: {what} "
                                 f"({self.bad_steps} bad step(s), train.max_bad_steps={limit})")
         print(f"warning: step {self.run_step}: {what}; skipped ({self.bad_steps}/{limit} allowed)")
-        if self.recipe.train.strategy.startswith("deepspeed"):
+        if self.recipe.train.strategy.uses_deepspeed:
             # DeepSpeed cannot skip backward: a zero that does not pass through the (non-finite) logits gives zero
             # gradients (Adam's momentum still moves the weights a little)
             self.skipped = True
@@ -118,10 +96,10 @@ class RWKV7Module(pl.LightningModule):
         DeepSpeed clips inside its optimizer)."""
         strategy = self.recipe.train.strategy
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if strategy == "single" or strategy.startswith("deepspeed"):
+        if strategy.clips_in_optimizer:
             # MasterWeightAdamW and DeepSpeed clip the fp32 master gradients themselves; when bad steps are to be
             # skipped, look at the gradients first (single: MasterWeightAdamW then skips a step without gradients)
-            if self.check_now and strategy == "single" and params:
+            if self.check_now and strategy.master_weights and params:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params])
                 if not math.isfinite(float(norm)):
                     for p in params:
@@ -139,11 +117,11 @@ class RWKV7Module(pl.LightningModule):
         t = self.recipe.train
         groups = param_groups(self.model, t.weight_decay)
         kwargs = dict(lr=t.lr_init, betas=(t.beta1, t.beta2), eps=t.adam_eps)
-        if "offload" in t.strategy:
+        if t.strategy.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=t.weight_decay > 0, **kwargs)
-        if t.strategy == "single":
+        if t.strategy.master_weights:
             from rwkv7.train.bf16_optim import MasterWeightAdamW
 
             return MasterWeightAdamW(groups, clip=t.grad_clip, **kwargs)

@@ -25,3 +25,15 @@ def learning_rate(step: int, lr_init: float, lr_final: float, warmup_steps: int,
 def total_steps(exit_tokens: int, tokens_per_step: int) -> int:
     """Steps until the official exit: the run stops once step * tokens_per_step >= my_exit_tokens."""
     return -(-exit_tokens // tokens_per_step)
+
+
+def scheduled_lr(recipe, exit_tokens: int, step: int) -> float:
+    """The recipe's learning rate for global step `step` (steps done so far)."""
+    t = recipe.train
+    return learning_rate(step, t.lr_init, t.lr_final, t.warmup_steps, recipe.tokens_per_step, exit_tokens)
+
+
+def apply_learning_rate(optimizer, lr: float) -> None:
+    """Set every parameter group's lr to lr x its my_lr_scale (the official per-group scaling)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["my_lr_scale"]
