@@ -223,9 +223,9 @@ class RWKV7(nn.Module):
             from rwkv7 import wkv_cuda
 
             wkv_cuda.available()
-        first, rest = self.blocks[0], self.blocks[1:]
-        plain = [compiled_block(first, None, backend)] + ([compiled_block(rest[0], None, backend)] if rest else [])
-        cp = [compiled_block(first, recompute, backend)] + ([compiled_block(rest[0], recompute, backend)] if rest else [])
+        kinds = list(self.blocks[:2])  # layer 0, and the template of every later layer (compiled when first called)
+        plain = [compiled_block(b, None, backend) for b in kinds]
+        cp = [compiled_block(b, recompute, backend) for b in kinds]
         self.__dict__["_compiled"] = [plain[min(i, 1)] for i in range(len(self.blocks))]
         self.__dict__["_compiled_cp"] = [cp[min(i, 1)] for i in range(len(self.blocks))]
 
