@@ -6,6 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from rwkv7 import signals  # noqa: E402  (light: installs the SIGINT/SIGTERM handlers before anything heavy loads)
+
+signals.install()
+
 from rwkv7.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Every checkpoint, log rewrite, JSON and plot goes through here.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -58,3 +60,68 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---- failures to write: mapped to one clear line (exit 2) instead of a traceback ---------------------------------
+
+# a full disk, a quota, a read-only or failing disk, no permission, a folder that vanished: the user's to fix
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                errno.ENOTDIR, errno.EFBIG, errno.ESTALE}
+# torch.save's zip writer reports a failed write as a RuntimeError, e.g. "[enforce fail at inline_container.cc:672]
+# . unexpected pos ..." or "PytorchStreamWriter failed writing file ..."
+ZIP_WRITER_ERRORS = ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed")
+
+
+def is_write_failure(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in WRITE_ERRNOS
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ZIP_WRITER_ERRORS)
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    p = Path(os.path.abspath(folder))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def ensure_space(folder: str | os.PathLike, need: int, what: str) -> None:
+    """OSError(ENOSPC) before writing `need` bytes into a folder that has less free (1 MiB of slack)."""
+    free = free_bytes(folder)
+    if free is not None and free < need + (1 << 20):
+        raise OSError(errno.ENOSPC, f"No space left for {what} (about {human_bytes(need)} needed, "
+                                    f"{human_bytes(free)} free)")
+
+
+def write_failure_message(what: str, folder: str | os.PathLike, e: BaseException, need: int | None = None,
+                          then: str = "") -> str:
+    """One line: what could not be written where, why, space needed and free, and what to do."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+    else:
+        reason = "the write failed; usually the disk is full"
+    free = free_bytes(folder)
+    space = []
+    if need and "needed" not in reason:
+        space.append(f"about {human_bytes(need)} needed")
+    if free is not None and "free)" not in reason:
+        space.append(f"{human_bytes(free)} free")
+    space_text = f"; {', '.join(space)}" if space else ""
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the folder writable or choose another one"
+    elif isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+        fix = "the folder disappeared while writing: check the storage it is on"
+    else:
+        fix = "free disk space there" + ("" if then else " or choose another folder")
+    return f"could not write {what} in {folder} ({reason}{space_text}): {fix}{then}"

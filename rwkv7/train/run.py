@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from rwkv7 import checkpoint as ckpt, testhooks
+from rwkv7 import checkpoint as ckpt, signals, testhooks
 from rwkv7.data.source import TrainingData, prepare_data
 from rwkv7.errors import UserError
-from rwkv7.fsutil import append_line, atomic_write_text
+from rwkv7.fsutil import append_line, atomic_write_text, ensure_space, is_write_failure
 from rwkv7.recipe import Recipe
 from rwkv7.train.module import NonFiniteLoss
 from rwkv7.train.schedule import learning_rate, total_steps
@@ -93,8 +92,7 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
 
                 self.bar = tqdm(total=last_step, initial=state.step, unit="step", dynamic_ncols=True,
                                 desc=f"{recipe.name}", mininterval=0.5 if sys.stderr.isatty() else 10.0)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
+            signals.defer(self._on_signal)  # from here a signal stops the run at the end of the step
             if wandb_project and trainer.is_global_zero:  # off unless asked for; WANDB_MODE is honoured by wandb
                 import wandb
 
@@ -107,6 +105,9 @@ def make_tracker(recipe: Recipe, run_dir: Path, data: TrainingData, state: RunSt
             self.stop_signal = signum
 
         def on_train_end(self, trainer, pl_module):
+            signals.defer(None)  # after training a signal interrupts at once (the final save is atomic)
+            if getattr(self, "profiler", None) is not None:  # a run shorter than the profiled steps
+                self._write_profile()
             self._flush_metrics(trainer)
             if self.wandb is not None:
                 self.wandb.finish()
@@ -276,8 +277,9 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
     if trainer.is_global_zero:
         tmp = ckpt.begin_checkpoint(run_dir, state.step)
     trainer.strategy.barrier()
-    error = None
+    error, need = None, ckpt.checkpoint_bytes(run_dir, pl_module.model)
     try:
+        ensure_space(tmp.parent, need, f"the checkpoint of step {state.step}")  # refuse early, keep the newest
         if engine is not None:
             engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
             if trainer.is_global_zero:
@@ -285,7 +287,9 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
         elif trainer.is_global_zero:
             ckpt.save_plain_state(tmp, pl_module.model, trainer.optimizers[0])
         testhooks.kill_if("kill-ckpt", state.step)
-    except OSError as e:
+    except Exception as e:  # a full disk, no permission, the zip writer's RuntimeError: exit 2 below
+        if not is_write_failure(e):
+            raise
         error = e
     # all ranks learn whether any write failed, so none waits for a rank that gave up
     failed = trainer.strategy.reduce_boolean_decision(error is not None, all=False) if trainer.world_size > 1 \
@@ -298,11 +302,7 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
     if error is not None or (failed and trainer.world_size > 1):
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
-        kept = ckpt.checkpoint_dirs(run_dir)
-        why = (error.strerror or str(error)) if error is not None else "another rank could not write its part"
-        raise UserError(f"could not write the checkpoint of step {state.step} ({why}); "
-                        f"{'kept ' + kept[-1].name if kept else 'no earlier checkpoint exists'}: free disk space "
-                        "in " + str(run_dir) + " and run the same command to resume")
+        raise ckpt.write_error(run_dir, state.step, error, need)
     trainer.strategy.barrier()
 
 
@@ -445,6 +445,9 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
                  else total_steps(data.exit_tokens, recipe.tokens_per_step))
     if state.step >= last_step:
         print(f"{run_dir}: already trained {state.step} of {last_step} steps; nothing to do")
+        final = run_dir / "rwkv-final.pth"
+        if resume_from is not None and launched_as_rank_zero() and not final.is_file():  # stopped before it
+            ckpt.save_state_dict(_checkpoint_weights(resume_from), final)
         return finish(recipe, run_dir, check)
 
     torch.manual_seed(recipe.train.seed)

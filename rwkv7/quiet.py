@@ -1,0 +1,32 @@
+"""Quiet output: library warnings that are not the user's business are silenced here, narrowly (by message), before
+the libraries load; everything else, and every real problem, still reaches the user.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+# (message regex, category): each names one known, harmless notice
+SILENCED = [
+    # lightning_fabric/__init__.py imports pkg_resources for a namespace package; nothing for a user to change
+    (r"pkg_resources is deprecated as an API", UserWarning),
+    (r"Deprecated call to `pkg_resources\.declare_namespace", DeprecationWarning),
+    # Lightning's hint for more DataLoader workers: our samples are slices of a memory-mapped array, so
+    # train.num_workers is a deliberate recipe choice (docs/PERFORMANCE.md), not a bottleneck to report
+    (r"The dataloader, \w+, does not have many workers", UserWarning),
+]
+
+
+def install() -> None:
+    for message, category in SILENCED:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def teardown() -> None:
+    """Destroy a process group left by Lightning, so torch does not warn at exit that nobody did."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the run is over; a failed teardown must not change its exit code
+            pass
