@@ -47,6 +47,11 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: give the path of an rwkv-*.pth file")
     try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): make it readable (chmod +r)") from None
+    try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or foreign files
         raise UserError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}): "

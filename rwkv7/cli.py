@@ -34,16 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with signals.handled():  # before any work: a signal at any moment ends with 130 and one line
-        quiet.install()
-        try:
-            return _run(argv)
-        except (signals.Interrupted, KeyboardInterrupt) as e:
-            name = e.args[0] if isinstance(e, signals.Interrupted) else "SIGINT"
-            print(f"interrupted ({name}): run the same command to resume or start again", file=sys.stderr)
-            return signals.EXIT_INTERRUPTED
-        finally:
-            quiet.teardown()
+    try:
+        with signals.handled():  # before any work: a signal at any moment ends with 130 and one line
+            quiet.install()
+            try:
+                return _run(argv)
+            finally:
+                quiet.teardown()
+    except (signals.Interrupted, KeyboardInterrupt) as e:
+        return interrupted(e)
+
+
+def interrupted(e: BaseException) -> int:
+    print(signals.message(e.signum if isinstance(e, signals.Interrupted) else 2), file=sys.stderr)
+    return signals.EXIT_INTERRUPTED
 
 
 def _run(argv: list[str] | None) -> int:

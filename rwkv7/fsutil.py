@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from rwkv7.signals import cleanup_on_interrupt
+
 
 def fsync_dir(path: Path) -> None:
     try:
@@ -29,6 +31,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
     """Call write(file) on a temp file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with cleanup_on_interrupt():  # a signal mid-write raises here, so the temp file is removed
+        _atomic_write(path, write, mode)
+
+
+def _atomic_write(path: Path, write: Callable[[object], None], mode: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
