@@ -34,7 +34,7 @@ def save_state_dict(sd: dict, path: str | os.PathLike, dtype=torch.bfloat16) -> 
     sd = {k: v.detach().to("cpu", dtype) for k, v in sd.items()}
     need = sum(v.numel() * v.element_size() for v in sd.values())
     try:
-        ensure_space(path.parent, need, path.name)
+        ensure_space(path.parent, need)
         atomic_write(path, lambda f: torch.save(sd, f))
     except Exception as e:
         if not is_write_failure(e):

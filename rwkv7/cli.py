@@ -41,13 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _run(argv)
             finally:
                 quiet.teardown()
-    except (signals.Interrupted, KeyboardInterrupt) as e:
-        return interrupted(e)
-
-
-def interrupted(e: BaseException) -> int:
-    print(signals.message(e.signum if isinstance(e, signals.Interrupted) else 2), file=sys.stderr)
-    return signals.EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # only where our handler is not the one installed (an embedding program's choice)
+        print(signals.message(2), file=sys.stderr)
+        return signals.EXIT_INTERRUPTED
 
 
 def _run(argv: list[str] | None) -> int:

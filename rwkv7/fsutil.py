@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from rwkv7.signals import cleanup_on_interrupt
+from rwkv7.signals import on_interrupt, unlink_quietly
 
 
 def fsync_dir(path: Path) -> None:
@@ -31,12 +31,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
     """Call write(file) on a temp file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with cleanup_on_interrupt():  # a signal mid-write raises here, so the temp file is removed
-        _atomic_write(path, write, mode)
+    _atomic_write(path, write, mode)
 
 
 def _atomic_write(path: Path, write: Callable[[object], None], mode: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with on_interrupt(lambda: unlink_quietly(tmp)):  # a signal mid-write exits without leaving the temp file
+        _write_and_rename(fd, tmp, path, write, mode)
+
+
+def _write_and_rename(fd: int, tmp: str, path: Path, write: Callable[[object], None], mode: str) -> None:
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -103,12 +107,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def ensure_space(folder: str | os.PathLike, need: int, what: str) -> None:
+def ensure_space(folder: str | os.PathLike, need: int) -> None:
     """OSError(ENOSPC) before writing `need` bytes into a folder that has less free (1 MiB of slack)."""
     free = free_bytes(folder)
     if free is not None and free < need + (1 << 20):
-        raise OSError(errno.ENOSPC, f"No space left for {what} (about {human_bytes(need)} needed, "
-                                    f"{human_bytes(free)} free)")
+        raise OSError(errno.ENOSPC, "not enough free space")
 
 
 def write_failure_message(what: str, folder: str | os.PathLike, e: BaseException, need: int | None = None,
@@ -120,9 +123,9 @@ def write_failure_message(what: str, folder: str | os.PathLike, e: BaseException
         reason = "the write failed; usually the disk is full"
     free = free_bytes(folder)
     space = []
-    if need and "needed" not in reason:
+    if need:
         space.append(f"about {human_bytes(need)} needed")
-    if free is not None and "free)" not in reason:
+    if free is not None:
         space.append(f"{human_bytes(free)} free")
     space_text = f"; {', '.join(space)}" if space else ""
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rwkv7.errors import UserError
+from rwkv7.signals import add_cleanup, remove_cleanup, unlink_quietly
 
 LOCK_NAME = ".lock"
 
@@ -96,7 +97,11 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd
+        add_cleanup(self._on_signal)  # a signal ends the process without release(): remove the file then
         return self
+
+    def _on_signal(self) -> None:
+        unlink_quietly(self.path)
 
     def release(self) -> None:
         if self.fd is None:
@@ -107,6 +112,7 @@ class RunLock:
             pass
         os.close(self.fd)  # drops the lock
         self.fd = None
+        remove_cleanup(self._on_signal)
 
 
 @contextmanager

@@ -1,18 +1,17 @@
 """Ctrl-C and SIGTERM at any moment: exit 130, one line, no traceback, and a run folder the same command resumes.
 
-The handlers are installed before any work (entrypoint.py, then `handled()` around the CLI). What a signal does
-depends on where the program is:
-- training (`defer(callback)`): the first signal only calls back; the run stops at the end of the step with a
-  checkpoint and returns 130. A second signal acts as below.
-- a cleanup region (`cleanup_on_interrupt()`: atomic writes, binidx writers, the tokenizer pool): it raises
-  `Interrupted`, which unwinds through the region's cleanup (temp files removed, workers stopped) to the CLI.
-- anywhere else (imports, setup, reading): the process prints one line and exits 130 at once. Raising there is not
-  safe: library code run during imports and setup catches broad exceptions (seen: numpy left half-imported), and
-  Lightning 1.9.5 swallows KeyboardInterrupt in Trainer.fit and returns as if training had finished (which wrote an
-  untrained rwkv-final.pth). Nothing outside a cleanup region leaves a file half-written: weights, checkpoints and
-  logs rewrites are atomic, appended lines are repaired on resume, and the run-folder lock dies with the process.
+The handlers are installed before any work (entrypoint.py, then `handled()` around the CLI). A signal
+- during training (`defer(callback)`): only calls back; the run stops at the end of the step with a checkpoint and
+  returns 130. A second signal acts at once, as below.
+- anywhere else: runs the cleanups registered with `on_interrupt` (remove temp files, stop worker processes), prints
+  one line and exits 130 at once.
 
-Interrupted is a BaseException but not a KeyboardInterrupt, so that Lightning re-raises it after its teardown.
+Why not raise an exception: a signal arrives between any two bytecodes, also inside library code that catches broad
+exceptions or holds locks (seen: numpy left half-imported; logging's lock left held by an at-fork hook, which
+deadlocked the tokenizer pool), and Lightning 1.9.5 swallows KeyboardInterrupt in Trainer.fit and returns as if
+training had finished (which wrote an untrained rwkv-final.pth). Exiting is safe because nothing is ever left
+half-written: weights, checkpoints and log rewrites are atomic (their temp files are registered cleanups), appended
+log lines are repaired on resume, and the kernel drops the run-folder lock with the process.
 """
 from __future__ import annotations
 
@@ -25,18 +24,9 @@ from typing import Callable
 EXIT_INTERRUPTED = 130
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-
-class Interrupted(BaseException):
-    """A SIGINT/SIGTERM arrived: the CLI exits 130."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 _owner = None                          # pid of the process that installed the handlers
 _deferred: Callable | None = None      # set while a training loop stops by itself at a step boundary
-_cleanup = 0                           # depth of cleanup regions
+_cleanups: list[Callable[[], None]] = []
 
 
 def _handler(signum, frame):
@@ -51,8 +41,6 @@ def _handler(signum, frame):
         callback, _deferred = _deferred, None  # a second signal acts at once: the user insists
         callback(signum, frame)
         return
-    if _cleanup:
-        raise Interrupted(signum)
     exit_now(signum)
 
 
@@ -61,6 +49,11 @@ def message(signum: int) -> str:
 
 
 def exit_now(signum: int) -> None:
+    for cleanup in reversed(_cleanups):
+        try:
+            cleanup()
+        except BaseException:  # noqa: BLE001 - best effort: the next run repairs or ignores what is left
+            pass
     try:
         sys.stdout.flush()
     except BaseException:  # noqa: BLE001 - stdout may be mid-write in the code this signal interrupted
@@ -70,14 +63,31 @@ def exit_now(signum: int) -> None:
 
 
 @contextmanager
-def cleanup_on_interrupt():
-    """Inside this block a signal raises Interrupted, so the block's own cleanup (finally/except) runs."""
-    global _cleanup
-    _cleanup += 1
+def on_interrupt(cleanup: Callable[[], None]):
+    """If a signal ends the process inside this block, call cleanup() first. It runs inside a signal handler, so
+    keep it to plain system calls: remove files, signal processes."""
+    add_cleanup(cleanup)
     try:
         yield
     finally:
-        _cleanup -= 1
+        remove_cleanup(cleanup)
+
+
+def add_cleanup(cleanup: Callable[[], None]) -> None:
+    _cleanups.append(cleanup)
+
+
+def remove_cleanup(cleanup: Callable[[], None]) -> None:
+    if cleanup in _cleanups:
+        _cleanups.remove(cleanup)
+
+
+def unlink_quietly(*paths) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def install() -> None:
@@ -101,7 +111,7 @@ def handled():
 
 
 def defer(callback: Callable | None) -> None:
-    """While set, the next signal calls `callback(signum, frame)` instead of raising (None: raise again)."""
+    """While set, the next signal calls `callback(signum, frame)` instead of ending the process (None: end it)."""
     global _deferred
     if callback is not None and _owner != os.getpid():  # run outside the CLI (tests, `make golden`)
         install()

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from rwkv7.errors import UserError
-from rwkv7.signals import cleanup_on_interrupt
+from rwkv7.signals import on_interrupt, unlink_quietly
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16}
@@ -131,7 +131,7 @@ def write_binidx(prefix: str | os.PathLike, docs: Iterable[np.ndarray], dtype=np
     tag = f".{os.getpid()}.tmp"  # per process: two ranks generating the same corpus never share a temp file
     tmp_bin, tmp_idx = bin_path.with_name(bin_path.name + tag), idx_path.with_name(idx_path.name + tag)
     sizes: list[int] = []
-    with cleanup_on_interrupt():  # a signal mid-write raises, so the finally below removes the temp files
+    with on_interrupt(lambda: unlink_quietly(tmp_bin, tmp_idx)):  # a signal mid-write leaves no temp files
         _write_pair(docs, dtype, bin_path, idx_path, tmp_bin, tmp_idx, sizes)
     return len(sizes), int(sum(sizes))
 
@@ -243,6 +243,9 @@ class BinIdxWriter:
             raise UserError(f"cannot write {self.idx_path}: {e.strerror or e} (disk full?)") from None
         self.abort()  # removes the sizes side file
         return self.n_docs, self.n_tokens
+
+    def temp_paths(self) -> tuple[Path, ...]:
+        return self._tmp_bin, self._tmp_idx, self._tmp_sizes
 
     def abort(self) -> None:
         for f in self._files:

@@ -32,7 +32,7 @@ from rwkv7.data.binidx import BinIdxWriter, paths
 from rwkv7.data.magic import magic_prime
 from rwkv7.data.tokenizer import EOD, get_tokenizer
 from rwkv7.errors import UserError
-from rwkv7.signals import cleanup_on_interrupt
+from rwkv7.signals import add_cleanup, remove_cleanup, unlink_quietly
 
 CHUNK_BYTES = 4 << 20
 SUFFIXES = (".jsonl", ".txt")
@@ -264,81 +264,90 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, text
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    # a signal raises inside (instead of exiting at once), so the pool is stopped and the temp files removed
-    with cleanup_on_interrupt():
-        writers = [BinIdxWriter(prefix)]
-        pool = None
-        try:
-            if val_prefix:
-                writers.append(BinIdxWriter(val_prefix))
-            train_w = writers[0]
-            val_w = writers[1] if val_prefix else None
-            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
-                       disable=(None if progress is None else not progress), dynamic_ncols=True)
-            with bar:
-                def handle(task, result):
-                    tokens, sizes, errors, empty, nbytes = result
-                    file_no = task[1]
-                    if errors:
-                        line, why = errors[0]
-                        if not skip_bad:
-                            raise UserError(f"{names[file_no]}, line {line}: {why} (fix it, or pass --skip-bad to skip "
-                                            "malformed lines)")
-                        if res.first_bad is None:
-                            res.first_bad = f"{names[file_no]}:{line}: {why}"
-                        res.bad += len(errors)
-                    res.empty += empty
-                    if sizes.size:
-                        held = _val_mask(res.docs + res.val_docs, sizes.size, val_fraction)
-                        if held.any():
-                            per_token = np.repeat(held, sizes)
-                            val_w.add(tokens[per_token], sizes[held])
-                            res.val_docs += int(held.sum())
-                            res.val_tokens += int(sizes[held].sum())
-                            tokens, sizes = tokens[~per_token], sizes[~held]
-                        train_w.add(tokens, sizes)
-                        res.docs += int(sizes.size)
-                        res.tokens += int(tokens.size)
-                    res.bytes_in += nbytes
-                    bar.update(nbytes)
+    writers = [BinIdxWriter(prefix)]
+    pool = None
 
-                if workers == 1:
-                    _init_worker(text_key, skip_bad, backend, in_pool=False)
-                    for task in tasks():
-                        handle(task, _encode_task(task))
-                else:
-                    pool = _pool_context().Pool(workers, initializer=_init_worker,
-                                                initargs=(text_key, skip_bad, backend))
-                    pending: deque = deque()
-                    for task in tasks():
-                        pending.append((task, pool.apply_async(_encode_task, (task,))))
-                        while len(pending) >= 2 * workers:
-                            t, r = pending.popleft()
-                            handle(t, r.get())
-                    while pending:
+    def on_signal():  # runs in the signal handler before the process exits: stop the workers, remove temp files
+        for proc in getattr(pool, "_pool", None) or []:
+            if proc.pid:
+                os.kill(proc.pid, signal.SIGKILL)
+        for w in writers:
+            unlink_quietly(*w.temp_paths())
+
+    add_cleanup(on_signal)
+    try:
+        if val_prefix:
+            writers.append(BinIdxWriter(val_prefix))
+        train_w = writers[0]
+        val_w = writers[1] if val_prefix else None
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
+                   disable=(None if progress is None else not progress), dynamic_ncols=True)
+        with bar:
+            def handle(task, result):
+                tokens, sizes, errors, empty, nbytes = result
+                file_no = task[1]
+                if errors:
+                    line, why = errors[0]
+                    if not skip_bad:
+                        raise UserError(f"{names[file_no]}, line {line}: {why} (fix it, or pass --skip-bad to skip "
+                                        "malformed lines)")
+                    if res.first_bad is None:
+                        res.first_bad = f"{names[file_no]}:{line}: {why}"
+                    res.bad += len(errors)
+                res.empty += empty
+                if sizes.size:
+                    held = _val_mask(res.docs + res.val_docs, sizes.size, val_fraction)
+                    if held.any():
+                        per_token = np.repeat(held, sizes)
+                        val_w.add(tokens[per_token], sizes[held])
+                        res.val_docs += int(held.sum())
+                        res.val_tokens += int(sizes[held].sum())
+                        tokens, sizes = tokens[~per_token], sizes[~held]
+                    train_w.add(tokens, sizes)
+                    res.docs += int(sizes.size)
+                    res.tokens += int(tokens.size)
+                res.bytes_in += nbytes
+                bar.update(nbytes)
+
+            if workers == 1:
+                _init_worker(text_key, skip_bad, backend, in_pool=False)
+                for task in tasks():
+                    handle(task, _encode_task(task))
+            else:
+                pool = _pool_context().Pool(workers, initializer=_init_worker,
+                                            initargs=(text_key, skip_bad, backend))
+                pending: deque = deque()
+                for task in tasks():
+                    pending.append((task, pool.apply_async(_encode_task, (task,))))
+                    while len(pending) >= 2 * workers:
                         t, r = pending.popleft()
                         handle(t, r.get())
-                    pool.close()
-                    pool.join()
-                    pool = None
-
-            if res.docs + res.val_docs == 0:
-                what = f"{res.bad} malformed lines skipped" if res.bad else "no documents"
-                raise UserError(f"nothing to write: {what} in {', '.join(names)}")
-            if res.docs == 0:
-                raise UserError("every document went to the validation split: lower --val-fraction")
-            if val_w is not None and res.val_docs == 0:
-                raise UserError(f"--val-fraction {val_fraction} held out no document of {res.docs}: raise it or "
-                                "add documents")
-            for w in writers:
-                w.commit()
-        except BaseException:
-            if pool is not None:
-                pool.terminate()
+                while pending:
+                    t, r = pending.popleft()
+                    handle(t, r.get())
+                pool.close()
                 pool.join()
-            for w in writers:
-                w.abort()
-            raise
+                pool = None
+
+        if res.docs + res.val_docs == 0:
+            what = f"{res.bad} malformed lines skipped" if res.bad else "no documents"
+            raise UserError(f"nothing to write: {what} in {', '.join(names)}")
+        if res.docs == 0:
+            raise UserError("every document went to the validation split: lower --val-fraction")
+        if val_w is not None and res.val_docs == 0:
+            raise UserError(f"--val-fraction {val_fraction} held out no document of {res.docs}: raise it or "
+                            "add documents")
+        for w in writers:
+            w.commit()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        remove_cleanup(on_signal)
     res.seconds = time.perf_counter() - t0
     try:
         res.magic_prime = magic_prime(res.tokens, ctx_len)

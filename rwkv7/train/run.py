@@ -279,7 +279,7 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
     trainer.strategy.barrier()
     error, need = None, ckpt.checkpoint_bytes(run_dir, pl_module.model)
     try:
-        ensure_space(tmp.parent, need, f"the checkpoint of step {state.step}")  # refuse early, keep the newest
+        ensure_space(tmp.parent, need)  # refuse early, keep the newest
         if engine is not None:
             engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
             if trainer.is_global_zero:
