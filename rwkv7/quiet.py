@@ -14,6 +14,8 @@ SILENCED = [
     # Lightning's hint for more DataLoader workers: our samples are slices of a memory-mapped array, so
     # train.num_workers is a deliberate recipe choice (docs/PERFORMANCE.md), not a bottleneck to report
     (r"The dataloader, \w+, does not have many workers", UserWarning),
+    # Lightning 1.9.5's all_gather (multi-process CPU runs) calls a torch API that torch now marks deprecated
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", FutureWarning),
 ]
 
 
