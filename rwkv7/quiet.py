@@ -3,6 +3,7 @@ the libraries load; everything else, and every real problem, still reaches the u
 """
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -19,9 +20,19 @@ SILENCED = [
 ]
 
 
+# huggingface_hub logs every retried or resumed transfer as a warning ("Error while downloading from ...: ...").
+# Those recover by themselves, and a download that finally fails is our one `error:` line (rwkv7/data/fetch.py).
+HUB_RETRY_LOGGERS = ("huggingface_hub.file_download", "huggingface_hub.utils._http")
+
+
 def install() -> None:
     for message, category in SILENCED:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def quiet_hub_retries() -> None:
+    for name in HUB_RETRY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def teardown() -> None:

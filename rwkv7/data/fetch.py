@@ -258,6 +258,9 @@ def fetch_dataset(repo_id: str = DEFAULT_REPO, files: Sequence[str] = DEFAULT_FI
                   endpoint: str | None = None, *, vocab_size: int = 65536, force: bool = False,
                   quiet: bool = False) -> Path:
     """Download (or find locally) a binidx pair from a Hub dataset repo, verify it, return its prefix path."""
+    from rwkv7.quiet import quiet_hub_retries
+
+    quiet_hub_retries()
     repo_id = repo_id or DEFAULT_REPO
     files = list(files or DEFAULT_FILES)
     rel_prefix = _bin_prefix(files)
