@@ -75,17 +75,16 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 
 # ---- failures to write: mapped to one clear line (exit 2) instead of a traceback ---------------------------------
 
-# a full disk, a quota, a read-only or failing disk, no permission, a folder that vanished: the user's to fix
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
-                errno.ENOTDIR, errno.EFBIG, errno.ESTALE}
 # torch.save's zip writer reports a failed write as a RuntimeError, e.g. "[enforce fail at inline_container.cc:672]
 # . unexpected pos ..." or "PytorchStreamWriter failed writing file ..."
 ZIP_WRITER_ERRORS = ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed")
 
 
 def is_write_failure(e: BaseException) -> bool:
+    """Raised while writing a file: any OSError (a full disk, a quota, a read-only or failing disk, no permission,
+    a folder that vanished), or the zip writer's RuntimeError."""
     if isinstance(e, OSError):
-        return e.errno in WRITE_ERRNOS
+        return True
     return isinstance(e, RuntimeError) and any(m in str(e) for m in ZIP_WRITER_ERRORS)
 
 
