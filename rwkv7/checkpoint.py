@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from rwkv7.errors import UserError
-from rwkv7.fsutil import atomic_write, atomic_write_text, fsync_dir
+from rwkv7.fsutil import (atomic_write, atomic_write_text, ensure_space, fsync_dir, is_write_failure,
+                          write_failure_message)
 from rwkv7.model import RWKV7, shape_from_state_dict
 
 CKPT_DIR = "ckpt"
@@ -24,14 +25,32 @@ PREFIXES = ("_forward_module.", "module.", "model.")  # wrappers' prefixes, stri
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, dtype=torch.bfloat16) -> None:
-    sd = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: torch.save(sd, f))
+    save_state_dict(model.state_dict(), path, dtype)
+
+
+def save_state_dict(sd: dict, path: str | os.PathLike, dtype=torch.bfloat16) -> None:
+    """Write weights atomically; a failed write (full disk, no permission, ...) is a UserError and leaves no file."""
+    path = Path(path)
+    sd = {k: v.detach().to("cpu", dtype) for k, v in sd.items()}
+    need = sum(v.numel() * v.element_size() for v in sd.values())
+    try:
+        ensure_space(path.parent, need)
+        atomic_write(path, lambda f: torch.save(sd, f))
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise UserError(write_failure_message(path.name, path.parent, e, need)) from None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: give the path of an rwkv-*.pth file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): make it readable (chmod +r)") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or foreign files
@@ -104,6 +123,28 @@ def commit_checkpoint(tmp: Path, meta: dict, keep: int) -> Path:
     for old in checkpoint_dirs(tmp.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_bytes(run_dir: Path, model: torch.nn.Module) -> int:
+    """What the next full checkpoint needs: the size of the newest one, else fp32 weights and two Adam moments."""
+    dirs = checkpoint_dirs(run_dir)
+    if dirs:
+        try:
+            return sum(f.stat().st_size for f in dirs[-1].rglob("*") if f.is_file())
+        except OSError:  # removed meanwhile: estimate instead
+            pass
+    return 12 * sum(p.numel() for p in model.parameters())
+
+
+def write_error(run_dir: Path, step: int, error: BaseException | None, need: int | None) -> UserError:
+    """The one-line error for a checkpoint that could not be written (the newest complete one is kept)."""
+    kept = checkpoint_dirs(run_dir)
+    keep = f"kept {kept[-1].name}" if kept else "no earlier checkpoint exists"
+    if error is None:
+        return UserError(f"could not write the checkpoint of step {step}: another rank could not write its part "
+                         f"({keep}); free disk space in {run_dir} and run the same command to resume")
+    return UserError(write_failure_message(f"the checkpoint of step {step}", run_dir / CKPT_DIR, error, need,
+                                           f", then run the same command to resume ({keep})"))
 
 
 def read_meta(ckpt: Path) -> dict:

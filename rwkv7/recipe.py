@@ -152,11 +152,23 @@ def available() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
-def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
+def _exact(name: str, value: Any, typ: type) -> Any:
+    """A value from a TOML file must already have the key's type (an int is fine where a float is meant)."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is typ:
+        return value
+    hint = ": write it without quotes" if isinstance(value, str) else ""
+    raise UserError(f"{name} must be a {typ.__name__}, got {value!r} (a {type(value).__name__}){hint}")
+
+
+def _coerce(section: str, key: str, value: Any, typ: Any, exact: bool = False) -> Any:
     name = f"{section}.{key}"
     typ = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}.get(typ, typ)
     if typ == "Strategy":
         return Strategy.parse(value)
+    if exact:
+        return _exact(name, value, typ)
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
@@ -198,14 +210,14 @@ def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
     raise UserError(f"{name} must be a {typ.__name__}, got {value!r}")
 
 
-def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str) -> None:
+def _apply(recipe: Recipe, section: str, key: str, value: Any, origin: str, exact: bool = False) -> None:
     if section not in SECTIONS:
         raise UserError(f"{origin}: unknown section [{section}]; sections are {', '.join(SECTIONS)}")
     obj = getattr(recipe, section)
     known = {f.name: f.type for f in fields(obj)}
     if key not in known:
         raise UserError(f"{origin}: unknown key {section}.{key}; valid keys: {', '.join(sorted(known))}")
-    setattr(obj, key, _coerce(section, key, value, known[key]))
+    setattr(obj, key, _coerce(section, key, value, known[key], exact))
 
 
 def parse_override(text: str) -> tuple[str, str, str]:
@@ -228,12 +240,14 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple = ()) -> Recipe:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path} ({e.strerror or e}): make it readable (chmod +r)") from None
     recipe = Recipe(name=path.stem, description=str(raw.pop("description", "")))
     for section, values in raw.items():
         if not isinstance(values, dict):
             raise UserError(f"{path}: top-level key {section!r} must be a [section]")
         for key, value in values.items():
-            _apply(recipe, section, key, value, str(path))
+            _apply(recipe, section, key, value, str(path), exact=True)
     overridden = set()
     for text in overrides:
         section, key, value = parse_override(text)
@@ -251,7 +265,43 @@ def resolve_strategy(t: "TrainConfig") -> None:
     t.strategy = t.strategy.resolved_for(t.accelerator, t.gpus, t.precision)
 
 
+# upper bounds that keep sizes inside what torch and the sampler can index (and a typo from filling the machine)
+LIMITS = {"model.n_layer": 4096, "model.n_embd": 1 << 16, "model.head_size": 4096,
+          "train.ctx_len": 1 << 20, "train.micro_bsz": 1 << 16, "train.devices": 4096, "train.num_nodes": 4096,
+          "data.synthetic_tokens": 1 << 31, "train.ds_bucket_mb": 1 << 20, "train.dist_timeout_min": 100_000}
+INT64 = 1 << 63
+
+
+def _check_numbers(r: Recipe) -> None:
+    """Every number finite and inside int64 (or its own limit); seeds and thread counts in range."""
+    import math
+    import os
+
+    for section in SECTIONS:
+        for f in fields(getattr(r, section)):
+            name, v = f"{section}.{f.name}", getattr(getattr(r, section), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{name} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -INT64 <= v < INT64:
+                raise UserError(f"{name} = {v} is out of range (at most {INT64 - 1})")
+            if name in LIMITS and isinstance(v, int) and v > LIMITS[name]:
+                raise UserError(f"{name} = {v} is too large (at most {LIMITS[name]})")
+    t, d = r.train, r.data
+    for name, seed in (("train.seed", t.seed), ("data.synthetic_seed", d.synthetic_seed)):
+        if not 0 <= seed < 1 << 32:
+            raise UserError(f"{name} must be in [0, 2^32), got {seed}")
+    cpus = os.cpu_count() or 1
+    for name, n in (("train.cpu_threads", t.cpu_threads), ("train.num_workers", t.num_workers)):
+        if n > max(4 * cpus, 64):  # far past this machine's cores: torch/OpenMP crash or the host stalls
+            raise UserError(f"{name} = {n} is far more than the {cpus} CPUs here: use at most {cpus}")
+    if t.warmup_steps < 0 or d.val_tokens < 0 or d.synthetic_tokens < 0:
+        raise UserError("train.warmup_steps, data.val_tokens and data.synthetic_tokens must be >= 0")
+    if r.model.vocab_size < 2:
+        raise UserError(f"model.vocab_size must be >= 2 (token 0 ends a document), got {r.model.vocab_size}")
+
+
 def validate(r: Recipe) -> None:
+    _check_numbers(r)
     validate_ranges(r)
     validate_model(r)
     validate_train(r)
@@ -287,7 +337,7 @@ def validate_model(r: Recipe) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be a multiple of 32 (the official LoRA ranks assume it)")
     if m.n_layer < 2:
         raise UserError("model.n_layer must be >= 2 (the official init divides by n_layer - 1)")
-    if m.vocab_size > 65536 and d.source != "synthetic":
+    if m.vocab_size > 65536:  # binidx data (official, prepared and generated) is uint16
         raise UserError(f"model.vocab_size {m.vocab_size} > 65536 cannot be stored in uint16 binidx data")
 
 

@@ -6,6 +6,7 @@ RWKV7_TEST_FAULT="kill@7"        SIGKILL this process right after step 7
 RWKV7_TEST_FAULT="kill-ckpt@10"  SIGKILL while the checkpoint of step 10 is half written
 RWKV7_TEST_FAULT="kill-log@10"   SIGKILL after the checkpoint of step 10 is committed, before its train_log.txt line
 RWKV7_TEST_FAULT="sigterm@7"     send this process SIGTERM right after step 7 (sigint@7: SIGINT)
+RWKV7_TEST_FAULT="kill@7:SIGINT" the kill points with another signal (SIGINT, SIGTERM): a Ctrl-C mid-run or mid-write
 RWKV7_TEST_FAULT="nan@7"         make the loss of step 7 NaN
 """
 from __future__ import annotations
@@ -35,20 +36,22 @@ class EnvFaults(Faults):
     """One fault `kind@step` (the RWKV7_TEST_FAULT syntax)."""
 
     def __init__(self, spec: str):
-        kind, _, at = spec.partition("@")
+        kind, _, rest = spec.partition("@")
+        at, _, sig = rest.partition(":")
         self.kind, self.step = kind, int(at) if at.isdigit() else None
+        self.signal = getattr(signal, sig or "SIGKILL")  # what the kill points send
 
     def _hit(self, kind: str, step: int) -> bool:
         return self.kind == kind and self.step == step
 
     def after_step(self, step: int) -> None:
-        for kind, sig in (("kill", signal.SIGKILL), ("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+        for kind, sig in (("kill", self.signal), ("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
             if self._hit(kind, step):
                 os.kill(os.getpid(), sig)
 
     def checkpoint_half_written(self, step: int) -> None:
         if self._hit("kill-ckpt", step):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
 
     def before_log_line(self, step: int) -> None:
         if self._hit("kill-log", step):

@@ -107,6 +107,18 @@ def test_connection_dropped_mid_file_once_recovers(hub, env):
     assert open_binidx(prefix).n_docs == 200
 
 
+def test_recovered_drops_log_no_warnings(hub, env, caplog):
+    """huggingface_hub logged each retry as a warning ("Error while downloading from ...: ..."), which read like
+    our `error:` line although the download recovered."""
+    import logging
+
+    hub.cut_file, hub.cut_gets, hub.cut_after = BIN, 1, 1000
+    with caplog.at_level(logging.DEBUG):
+        fetch(hub, env / "data")
+    noisy = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelno >= 30]
+    assert noisy == []
+
+
 def test_interrupted_download_leaves_nothing_and_rerun_succeeds(hub, env, monkeypatch):
     import huggingface_hub.file_download as fd
 

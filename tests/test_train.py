@@ -94,6 +94,38 @@ def test_sigkill_then_resume_gives_the_same_log(reference_run, tmp_path, fault):
     assert steps == list(range(1, 21))  # rows after the checkpoint were dropped and redone, not duplicated
 
 
+@pytest.mark.parametrize("fault", ["kill@7:SIGINT", "kill-ckpt@10:SIGTERM"])
+def test_signal_mid_step_or_mid_checkpoint_stops_with_130_and_resumes_exactly(reference_run, tmp_path, fault):
+    """Ctrl-C mid-run / SIGTERM while a checkpoint is written: the step finishes, a checkpoint is written, exit 130,
+    no final weights; the same command then resumes to the reference log."""
+    out = tmp_path / "run"
+    p = run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": fault}, check=False)
+    assert p.returncode == 130, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stdout + p.stderr and "stopped by a signal" in p.stdout
+    assert not (out / "rwkv-final.pth").exists()
+    assert not list((out / "ckpt").glob(".tmp-*"))
+    p = run_train(out, "--no-check")
+    assert "resuming" in p.stdout
+    ref, got = losses(reference_run), losses(out)
+    assert sorted(got) == sorted(ref) and all(abs(got[e] - ref[e]) <= 1e-6 for e in ref), (got, ref)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+
+def test_final_weights_are_written_when_a_finished_run_lacks_them(reference_run, tmp_path):
+    """Stopped after the last checkpoint but before rwkv-final.pth: the rerun writes it from that checkpoint."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    (out / "rwkv-final.pth").unlink()
+    p = run_train(out, "--no-check")
+    assert "nothing to do" in p.stdout
+    a = torch.load(out / "rwkv-final.pth", weights_only=True)
+    b = torch.load(reference_run / "rwkv-final.pth", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     p = run_train(out, "--no-check", env={"RWKV7_TEST_FAULT": "nan@7"}, check=False)

@@ -30,11 +30,12 @@ def run(args) -> int:
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1 (got {args.batch})")
     from rwkv7.cliargs import open_model
-    from rwkv7.data.binidx import open_binidx
+    from rwkv7.data.binidx import check_vocab, open_binidx
     from rwkv7.evaluate import evaluate_loss, perplexity
 
     data = open_binidx(args.data)  # cheap structural checks before loading the model
     model, path = open_model(args.model, args.device, args.dtype)
+    check_vocab(data, model.shape.vocab_size)  # integer ids the model can embed
     loss, n = evaluate_loss(model, data.tokens, args.ctx_len, args.tokens, args.batch)
     result = {"loss": loss, "perplexity": perplexity(loss), "tokens": n, "windows": n // args.ctx_len,
               "ctx_len": args.ctx_len, "model": str(path), "data": data.prefix,

@@ -15,6 +15,7 @@ import sys
 from rwkv7.errors import UserError
 
 TOKENIZERS = ("auto", "world", "bytes", "ids")
+MAX_TOKENS, MAX_BATCH = 1_000_000, 4096  # beyond these a typo would hold the machine for hours
 
 
 def register(sub) -> None:
@@ -46,6 +47,11 @@ def check_sampling_args(args) -> None:
         raise UserError(f"--temperature must be >= 0 (got {args.temperature}); 0 means greedy")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1 (got {args.batch})")
+    if args.tokens > MAX_TOKENS or args.batch > MAX_BATCH:
+        raise UserError(f"--tokens (at most {MAX_TOKENS:,}) or --batch (at most {MAX_BATCH}) is too large: "
+                        "generate in several calls")
+    if args.seed is not None and not 0 <= args.seed < 1 << 63:
+        raise UserError(f"--seed must be in [0, 2^63) (got {args.seed})")
     if not args.prompt:
         raise UserError("--prompt is empty: give at least one token of prompt")
 

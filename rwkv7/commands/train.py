@@ -23,20 +23,27 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from rwkv7.errors import UserError
     from rwkv7.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides(args))
     out = Path(args.out or Path("out") / recipe.name)
-    if args.fresh and out.exists():
-        import shutil
+    expected = recipe.expected_log()
+    if not args.no_check and expected is not None and not expected.is_file():
+        raise UserError(f"check.expected {expected} not found: fix the path, set check.expected= (empty) for no "
+                        "check, or pass --no-check")
+    from contextlib import nullcontext
 
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-    from rwkv7.train.run import RunOptions, run_training
+    from rwkv7 import runlock
+    from rwkv7.train.run import RunOptions, launched_as_rank_zero, run_training
 
     options = RunOptions(resume=not args.fresh, force_resume=args.force_resume, load_model=args.load_model,
                          progress=not args.no_progress, check=not args.no_check, wandb_project=args.wandb,
                          **options_from_env(os.environ))
-    return run_training(recipe, out, options)
+    with runlock.hold(out) if launched_as_rank_zero() else nullcontext():  # ranks > 0 run under rank 0's lock
+        if args.fresh:
+            clear_run(out, keep=args.load_model)
+        return run_training(recipe, out, options)
 
 
 def options_from_env(environ) -> dict:
@@ -49,3 +56,14 @@ def options_from_env(environ) -> dict:
     if step is not None and not step.strip().isdigit():
         raise UserError(f"RWKV7_PROFILE_STEP={step!r}: give a step number (steps N..N+2 are profiled)")
     return {"profile_step": int(step) if step is not None else None, "faults": faults_from_env(environ)}
+
+
+def clear_run(out: Path, keep: str | None) -> None:
+    """--fresh: remove what a previous run left (checkpoints, weights, verdict), except the --load-model file."""
+    import shutil
+
+    keep_path = Path(keep).resolve() if keep else None
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    for f in [*out.glob("rwkv-*.pth"), out / "check.json", out / "loss.png", out / "profile.txt"]:
+        if f.is_file() and f.resolve() != keep_path:
+            f.unlink()

@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from rwkv7.errors import UserError
+from rwkv7.signals import on_interrupt, unlink_quietly
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16}
@@ -59,7 +60,13 @@ def open_binidx(prefix: str | os.PathLike) -> BinIdx:
         if not f.is_file():
             raise UserError(f"data file {f} not found: give the binidx prefix (path without .bin/.idx) "
                             "with --set data.path=PREFIX, or make one with `rwkv7 prepare`")
-    raw = idx_path.read_bytes()
+    try:
+        raw = idx_path.read_bytes()
+        with open(bin_path, "rb"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot read {e.filename or idx_path} ({e.strerror or e}): make it readable "
+                        "(chmod +r)") from None
     head = len(MAGIC) + 8 + 1 + 8 + 8
     if len(raw) < head or raw[: len(MAGIC)] != MAGIC:
         raise UserError(f"{idx_path} is not a binidx index (bad magic): re-create it with `rwkv7 prepare`")
@@ -92,17 +99,24 @@ def open_binidx(prefix: str | os.PathLike) -> BinIdx:
     return BinIdx(str(bin_path)[:-4], dtype, sizes, pointers, doc_idx, tokens)
 
 
-def check_vocab(data: BinIdx, vocab_size: int, sample: int = 1 << 20) -> None:
-    """Token ids must be < vocab_size; checks the whole file when small, else evenly spaced windows."""
-    n = len(data)
-    if n <= sample:
-        top = int(data.tokens.max())
-    else:
-        step = 1 << 14
-        starts = np.linspace(0, n - step, sample // step).astype(np.int64)
-        top = max(int(data.tokens[s:s + step].max()) for s in starts)
-    if top >= vocab_size:
-        raise UserError(f"{data.prefix}.bin holds token id {top} >= vocab_size {vocab_size}: the data was made with "
+def check_vocab(data: BinIdx, vocab_size: int, block: int = 1 << 24) -> None:
+    """Token ids must be integers in [0, vocab_size). Checks every token, in blocks (uint16 data with vocab 65536,
+    the official case, cannot be out of range and costs nothing)."""
+    if data.dtype.kind not in "iu":
+        raise UserError(f"{data.prefix}.bin holds {data.dtype} values, not token ids: binidx token data must be an "
+                        "integer type (uint16 as written by `rwkv7 prepare`); re-create it")
+    info = np.iinfo(data.dtype)
+    if info.min >= 0 and info.max < vocab_size:
+        return
+    low, high = 0, 0
+    for start in range(0, len(data), block):
+        part = data.tokens[start:start + block]
+        low, high = min(low, int(part.min())), max(high, int(part.max()))
+    if low < 0:
+        raise UserError(f"{data.prefix}.bin holds a negative token id ({low}): token ids must lie in "
+                        f"[0, {vocab_size}); re-create the data")
+    if high >= vocab_size:
+        raise UserError(f"{data.prefix}.bin holds token id {high} >= vocab_size {vocab_size}: the data was made with "
                         "another tokenizer, or set model.vocab_size to match it")
 
 
@@ -185,6 +199,9 @@ class BinIdxWriter:
         self.abort()  # removes the sizes side file
         return self.n_docs, self.n_tokens
 
+    def temp_paths(self) -> tuple[Path, ...]:
+        return self._tmp_bin, self._tmp_idx, self._tmp_sizes
+
     def abort(self) -> None:
         for f in self._files:
             try:
@@ -210,7 +227,7 @@ def write_binidx(prefix: str | os.PathLike, docs: Iterable[np.ndarray], dtype=np
 
     Returns (documents, tokens).
     """
-    with BinIdxWriter(prefix, dtype) as w:
+    with BinIdxWriter(prefix, dtype) as w, on_interrupt(w.abort):  # a signal mid-write leaves no temp files
         for d in docs:
             arr = np.asarray(d).reshape(-1)
             w.add(arr, np.asarray([arr.size]))

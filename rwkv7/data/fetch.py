@@ -362,7 +362,9 @@ def fetch_dataset(repo_id: str = DEFAULT_REPO, files: Sequence[str] = DEFAULT_FI
                   quiet: bool = False) -> Path:
     """Download (or find locally) a binidx pair from a Hub dataset repo, verify it, return its prefix path."""
     from rwkv7.data.binidx import check_vocab, open_binidx
+    from rwkv7.quiet import quiet_hub_retries
 
+    quiet_hub_retries()
     repo_id = repo_id or DEFAULT_REPO
     files = list(files or DEFAULT_FILES)
     rel_prefix = hub_prefix(files)

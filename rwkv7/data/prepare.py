@@ -32,6 +32,8 @@ from rwkv7.data.binidx import BinIdxWriter, paths
 from rwkv7.data.magic import magic_prime
 from rwkv7.data.tokenizer import EOD, get_tokenizer
 from rwkv7.errors import UserError
+from rwkv7.fsutil import folder_problem
+from rwkv7.signals import add_cleanup, on_interrupt, remove_cleanup, unlink_quietly
 
 CHUNK_BYTES = 4 << 20
 SUFFIXES = (".jsonl", ".txt")
@@ -232,6 +234,9 @@ def _output_prefixes(out, val_fraction: float) -> tuple[str, str | None]:
     prefix = str(paths(out)[0])[:-4]
     if Path(prefix).is_dir() or not Path(prefix).name:
         raise UserError(f"--out {out} is a directory: give a file prefix such as {Path(out) / 'mydata'}")
+    _, problem = folder_problem(Path(prefix).parent, "the folder of --out")
+    if problem:
+        raise UserError(f"{problem}: give --out a prefix in a writable folder")
     return prefix, prefix + "-val" if val_fraction > 0 else None
 
 
@@ -299,6 +304,13 @@ def _encode_all(tasks: Iterator[tuple], cfg: EncodeConfig, workers: int, collect
             collect(task, encode_task(cfg, task))
         return
     pool = _pool_context().Pool(workers, initializer=_ignore_sigint)
+
+    def kill_workers():  # runs in the signal handler before the process exits (rwkv7.signals)
+        for proc in getattr(pool, "_pool", None) or []:
+            if proc.pid:
+                os.kill(proc.pid, signal.SIGKILL)
+
+    add_cleanup(kill_workers)
     try:
         pending: deque = deque()
         for task in tasks:
@@ -315,6 +327,7 @@ def _encode_all(tasks: Iterator[tuple], cfg: EncodeConfig, workers: int, collect
         raise
     finally:
         pool.join()
+        remove_cleanup(kill_workers)
 
 
 def _check_counts(res: PrepareResult, names: list[str], val_fraction: float) -> None:
@@ -345,21 +358,24 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, text
     res = PrepareResult(prefix=prefix, val_prefix=val_prefix, workers=workers, backend=tok.backend, ctx_len=ctx_len)
     t0 = time.perf_counter()
     writers = [BinIdxWriter(prefix)]
-    try:
-        if val_prefix:
-            writers.append(BinIdxWriter(val_prefix))
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
-                  disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
-            collect = _Collector(res, names, writers[0], writers[1] if val_prefix else None, val_fraction,
-                                 skip_bad, bar)
-            _encode_all(_tasks(files, split_blank_lines), EncodeConfig(text_key, skip_bad, backend), workers, collect)
-        _check_counts(res, names, val_fraction)
-        for w in writers:
-            w.commit()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
+    remove_temps = lambda: [unlink_quietly(*w.temp_paths()) for w in writers]  # noqa: E731 (a signal mid-write)
+    with on_interrupt(remove_temps):
+        try:
+            if val_prefix:
+                writers.append(BinIdxWriter(val_prefix))
+            with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
+                      disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
+                collect = _Collector(res, names, writers[0], writers[1] if val_prefix else None, val_fraction,
+                                     skip_bad, bar)
+                _encode_all(_tasks(files, split_blank_lines), EncodeConfig(text_key, skip_bad, backend), workers,
+                            collect)
+            _check_counts(res, names, val_fraction)
+            for w in writers:
+                w.commit()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
     res.seconds = time.perf_counter() - t0
     try:
         res.magic_prime = magic_prime(res.tokens, ctx_len)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-import signal
 
+from rwkv7 import signals
 from rwkv7.train.module import NonFiniteLoss
 
 
@@ -14,8 +14,11 @@ class SignalStop:
         self.signum = None
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        signals.defer(self._on_signal)  # from here a signal stops the run at the end of the step (rwkv7.signals)
+
+    @staticmethod
+    def uninstall() -> None:
+        signals.defer(None)  # after training a signal interrupts at once (the final save is atomic)
 
     def _on_signal(self, signum, frame):
         self.signum = signum

@@ -26,6 +26,12 @@ class StepProfiler:
     def after_step(self, steps_done: int) -> None:
         if self.profiler is None or steps_done < self.first_step + PROFILED_STEPS:
             return
+        self.finish()
+
+    def finish(self) -> None:
+        """Stop profiling (if it runs) and write profile.txt."""
+        if self.profiler is None:
+            return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rwkv7 import checkpoint as ckpt
 from rwkv7.errors import UserError
-from rwkv7.fsutil import atomic_write_text
+from rwkv7.fsutil import atomic_write_text, ensure_space, is_write_failure
 from rwkv7.recipe import Recipe
 from rwkv7.testhooks import Faults
 from rwkv7.train.ranks import any_rank, mean_over_ranks
@@ -64,11 +64,14 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
     if trainer.is_global_zero:
         tmp = ckpt.begin_checkpoint(run_dir, state.step)
     trainer.strategy.barrier()
-    error = None
+    error, need = None, ckpt.checkpoint_bytes(run_dir, pl_module.model)
     try:
+        ensure_space(tmp.parent, need)  # refuse early, keep the newest
         write_checkpoint_files(trainer, pl_module, tmp)
         faults.checkpoint_half_written(state.step)
-    except OSError as e:
+    except Exception as e:  # a full disk, no permission, the zip writer's RuntimeError: exit 2 below
+        if not is_write_failure(e):
+            raise
         error = e
     failed = any_rank(trainer, error is not None)  # so no rank waits for one that gave up
     if not failed and trainer.is_global_zero:
@@ -79,16 +82,8 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
     if error is not None or failed:
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(checkpoint_failure(run_dir, state.step, error))
+        raise ckpt.write_error(run_dir, state.step, error, need)
     trainer.strategy.barrier()
-
-
-def checkpoint_failure(run_dir: Path, step: int, error: OSError | None) -> str:
-    kept = ckpt.checkpoint_dirs(run_dir)
-    why = (error.strerror or str(error)) if error is not None else "another rank could not write its part"
-    return (f"could not write the checkpoint of step {step} ({why}); "
-            f"{'kept ' + kept[-1].name if kept else 'no earlier checkpoint exists'}: free disk space "
-            f"in {run_dir} and run the same command to resume")
 
 
 def restore_optimizer(trainer, path: Path) -> None:

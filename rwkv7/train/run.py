@@ -70,6 +70,9 @@ def run_training(recipe: Recipe, run_dir: Path, options: RunOptions | None = Non
                  else total_steps(data.exit_tokens, recipe.tokens_per_step))
     if state.step >= last_step:
         print(f"{run_dir}: already trained {state.step} of {last_step} steps; nothing to do")
+        final = run_dir / "rwkv-final.pth"
+        if resume_from is not None and launched_as_rank_zero() and not final.is_file():  # stopped before it
+            ckpt.save_state_dict(checkpoint_weights(resume_from), final)
         return finish(recipe, run_dir, o.check)
     torch.manual_seed(recipe.train.seed)
     if recipe.train.accelerator == "cpu" and recipe.train.cpu_threads:

@@ -70,6 +70,8 @@ class RunTracker(pl.Callback):
         self.metrics.start_wandb(p.recipe, p.wandb_project, p.run_dir)
 
     def on_train_end(self, trainer, pl_module):
+        self.stop.uninstall()
+        self.profiler.finish()  # a run shorter than the profiled steps still writes its profile
         self.metrics.close()
         self.bar.close()
 
