@@ -68,7 +68,7 @@ class TrainConfig:
     epoch_count: int = 0         # mini-epochs to train in total; 0: until my_exit_tokens, as the official trainer
     epoch_steps: int = 0         # steps per mini-epoch; 0: the official 40320 // real_bsz
     precision: str = "bf16"      # bf16 (DeepSpeed, GPU) | fp32
-    strategy: str = "deepspeed_stage_2"  # or single (one GPU, no DeepSpeed), *_offload, auto (see resolve_strategy)
+    strategy: str = "deepspeed_stage_2"  # or single (one GPU), ddp (several), *_offload, auto (resolve_strategy)
     accelerator: str = "gpu"     # gpu | cpu
     devices: int = 1
     num_nodes: int = 1
@@ -124,6 +124,8 @@ class Recipe:
                   "dist_timeout_min", "micro_bsz", "devices", "num_nodes", "cuda_graph"):
             d["train"].pop(k)
         d["train"]["real_bsz"] = self.real_bsz  # how a global batch is split over ranks does not change the numbers
+        if d["train"]["strategy"] == "ddp":  # single's arithmetic on N ranks: one run may move between the two
+            d["train"]["strategy"] = "single"
         d.pop("check")
         d.pop("description")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -235,10 +237,14 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple = ()) -> Recipe:
 
 
 def resolve_strategy(t: "TrainConfig") -> None:
-    """strategy auto on GPUs: `single` on one GPU in bf16 (the fastest path: pure bf16 + fp32 masters, one CUDA graph
-    per step), DeepSpeed stage 2 on several. On CPUs auto stays auto (plain Lightning, DDP over gloo)."""
+    """strategy auto on GPUs in bf16: `single` on one GPU (the fastest path: pure bf16 + fp32 masters, one CUDA graph
+    per step), `ddp` on several (the same step on every rank, a sharded optimizer); DeepSpeed stage 2 in fp32. On CPUs
+    auto stays auto (plain Lightning, DDP over gloo)."""
     if t.strategy == "auto" and t.accelerator == "gpu":
-        t.strategy = "single" if t.devices * t.num_nodes == 1 and t.precision == "bf16" else "deepspeed_stage_2"
+        if t.precision != "bf16":
+            t.strategy = "deepspeed_stage_2"
+        else:
+            t.strategy = "single" if t.devices * t.num_nodes == 1 else "ddp"
 
 
 def validate(r: Recipe) -> None:
@@ -276,13 +282,13 @@ def validate(r: Recipe) -> None:
         raise UserError(f"train.precision must be bf16 or fp32, got {t.precision!r}")
     if t.accelerator not in ("gpu", "cpu"):
         raise UserError(f"train.accelerator must be gpu or cpu, got {t.accelerator!r}")
-    strategies = ("auto", "single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+    strategies = ("auto", "single", "ddp", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
                   "deepspeed_stage_3_offload")
     if t.strategy not in strategies:
         raise UserError(f"train.strategy {t.strategy!r} unknown; choose one of {', '.join(strategies)}")
-    if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy != "auto"):
-        raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto (DeepSpeed and bf16 training "
-                        "are GPU paths; train.devices=N on a CPU runs N processes with DDP)")
+    if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy not in ("auto", "ddp")):
+        raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto or ddp (DeepSpeed and bf16 "
+                        "training are GPU paths; train.devices=N on a CPU runs N processes over gloo)")
     if t.strategy.startswith("deepspeed_stage_3"):
         raise UserError(f"train.strategy={t.strategy} is not supported yet (its sharded weights are not gathered "
                         "into rwkv-N.pth); use deepspeed_stage_2 or deepspeed_stage_2_offload")
@@ -291,7 +297,7 @@ def validate(r: Recipe) -> None:
                         "bad step stops the run (the last good checkpoint is kept)")
     if t.strategy == "single" and (t.accelerator != "gpu" or t.devices * t.num_nodes != 1):
         raise UserError("train.strategy=single is one GPU (pure bf16 + fp32 master weights); use "
-                        "deepspeed_stage_2 for several GPUs")
+                        "ddp (the same step, data parallel) for several GPUs")
     if t.accelerator == "gpu" and t.ctx_len % 16:
         raise UserError(f"train.ctx_len ({t.ctx_len}) must be a multiple of 16 for the CUDA wkv7 kernel")
     if not t.epoch_steps and MINI_EPOCH_SAMPLES % r.real_bsz:

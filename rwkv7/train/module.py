@@ -122,9 +122,11 @@ class RWKV7Module(pl.LightningModule):
         self.check_now = recipe.train.accelerator == "cpu" or recipe.train.max_bad_steps > 0
         # strategy single on a GPU: forward + backward replayed as one CUDA graph (rwkv7/train/graphed.py); the
         # optimizer step then runs here (manual optimization). Skipping bad steps needs the eager path.
-        self.use_graph = (recipe.train.strategy == "single" and recipe.train.cuda_graph and not self.check_now
-                          and torch.cuda.is_available())
-        self.automatic_optimization = not self.use_graph
+        self.use_graph = (recipe.train.strategy in ("single", "ddp") and recipe.train.cuda_graph
+                          and not self.check_now and torch.cuda.is_available())
+        # strategy ddp: the same step, then gradient reduction and a sharded optimizer (rwkv7/train/data_parallel.py)
+        self.data_parallel = recipe.train.strategy == "ddp"
+        self.automatic_optimization = not (self.use_graph or self.data_parallel)
         self.graphed = None
 
     def forward(self, idx):
@@ -132,6 +134,10 @@ class RWKV7Module(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.data_parallel:
+            from rwkv7.train import data_parallel
+
+            return data_parallel.training_step(self, x, y)
         if self.use_graph:
             return self._graphed_step(x, y)
         loss = lm_loss(self.model(x), y, reuse_logits=True)
@@ -198,6 +204,10 @@ class RWKV7Module(pl.LightningModule):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=t.weight_decay > 0, **kwargs)
+        if t.strategy == "ddp":  # this rank's shard of the fp32 masters and AdamW state
+            from rwkv7.train.data_parallel import sharded_optimizer
+
+            return sharded_optimizer(self.model, groups, (t.micro_bsz, t.ctx_len), clip=t.grad_clip, **kwargs)
         if t.strategy == "single":
             from rwkv7.train.bf16_optim import MasterWeightAdamW
 

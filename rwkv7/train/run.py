@@ -282,6 +282,10 @@ def save_full_checkpoint(trainer, pl_module, recipe: Recipe, run_dir: Path, stat
             engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
             if trainer.is_global_zero:
                 ckpt.save_weights(pl_module.model, tmp / "weights.pth")
+        elif getattr(trainer.optimizers[0], "sharded", False):  # strategy ddp: every rank sends its optimizer shard
+            from rwkv7.train.data_parallel import save_state
+
+            save_state(tmp, pl_module.model, trainer.optimizers[0], write=trainer.is_global_zero)
         elif trainer.is_global_zero:
             ckpt.save_plain_state(tmp, pl_module.model, trainer.optimizers[0])
         testhooks.kill_if("kill-ckpt", state.step)
@@ -376,6 +380,11 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
                   callbacks=callbacks, num_nodes=t.num_nodes, devices=t.devices)
     timeout = datetime.timedelta(minutes=t.dist_timeout_min)
     several = t.devices * t.num_nodes > 1
+    if t.strategy == "ddp":  # Lightning launches the ranks; rwkv7/train/data_parallel.py reduces and shards
+        from rwkv7.train.data_parallel import lightning_strategy
+
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        return pl.Trainer(accelerator=t.accelerator, precision=32, strategy=lightning_strategy(timeout), **kwargs)
     if t.accelerator == "cpu":  # several CPU processes: DDP over gloo (tests the multi-rank logic without GPUs)
         from pytorch_lightning.strategies import DDPStrategy
 
@@ -480,7 +489,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = True, force_re
                                          num_workers=recipe.train.num_workers, drop_last=True,
                                          pin_memory=recipe.train.accelerator == "gpu",
                                          persistent_workers=False)
-    if recipe.train.strategy == "single" and recipe.train.precision == "bf16":
+    if recipe.train.strategy in ("single", "ddp") and recipe.train.precision == "bf16":
         model = model.to(torch.bfloat16)  # as DeepSpeed's bf16 mode: the whole module in bf16
     if recipe.train.compile:
         model.compile_blocks()
