@@ -57,7 +57,7 @@ def gpu_memory_estimate(recipe: Recipe, params: int) -> int:
     from rwkv7.plan import GIB, memory
 
     t = recipe.train
-    strategy = t.strategy if t.strategy in ("single",) or t.strategy.startswith("deepspeed") else "single"
+    strategy = t.strategy if t.strategy in ("single", "ddp") or t.strategy.startswith("deepspeed") else "single"
     return int(memory(recipe, strategy, t.devices * t.num_nodes, t.grad_cp, params)[0] * GIB)
 
 

@@ -3,6 +3,8 @@
 Memory model (bytes; P parameters, n = micro_bsz x ctx_len tokens per GPU, C, L, V):
   weights and optimizer, per parameter: single 2 (bf16) + 2 (bf16 grad) + 4 (fp32 master) + 8 (Adam m, v) during
     forward/backward, and 4 more (fp32 master grads) only inside the optimizer step, when activations are gone;
+    ddp: 2 (bf16) + 2 (bf16 grads, one flat buffer) + 12/N (fp32 master + Adam shard) + 2/N (the reduced gradient
+    shard, N > 1), and 4/N (fp32 shard grads) inside the step;
     ZeRO-2: 4 + 12/N (+ one bucket), fitted to the measured peaks; ZeRO-3: 16/N (+ buckets); *_offload moves the
     12/N (stage 3: 16/N, keeping 4/N on the GPU) to host memory.
   loss head: the bf16 logits (their gradient is written into them: n V 2) + one fp32 chunk of the fused loss
@@ -22,7 +24,7 @@ from rwkv7.recipe import Recipe
 GIB = 2 ** 30
 ACT_BYTES_PER_CHANNEL = 80
 LOSS_CHUNK_ROWS = 1024  # rwkv7.train.module.CrossEntropyL2Wrap.CHUNK
-STRATEGIES = ("single", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+STRATEGIES = ("single", "ddp", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
               "deepspeed_stage_3_offload")
 
 # Measured on one H200 with bench/train_bench.py (docs/PERFORMANCE.md): (L, C, strategy, grad_cp) -> (tokens/s,
@@ -76,6 +78,8 @@ def memory(recipe: Recipe, strategy: str, gpus: int, grad_cp: int, params: int) 
     step = 0.0  # extra bytes only inside the optimizer step (activations freed by then)
     if strategy == "single":
         weights, step = 16 * P, 4 * P
+    elif strategy == "ddp":
+        weights, step = 4 * P + 12 * P / N + (2 * P / N if N > 1 else 0), 4 * P / N
     elif strategy == "deepspeed_stage_2":
         weights = 4 * P + 12 * P / N + buckets
     elif strategy == "deepspeed_stage_2_offload":
@@ -95,8 +99,8 @@ def plan(recipe: Recipe, gpus: int, gpu_gib: float, host_gib: float | None = Non
     m, t = recipe.model, recipe.train
     out = []
     for strategy in STRATEGIES:
-        if strategy == "single" and gpus != 1:
-            continue
+        if (strategy == "single") != (gpus == 1) and strategy in ("single", "ddp"):
+            continue  # ddp on one GPU is single's step
         g, h = memory(recipe, strategy, gpus, t.grad_cp, params)
         fits = g <= gpu_gib and (host_gib is None or h <= host_gib)
         measured = MEASURED_H200.get((m.n_layer, m.n_embd, strategy, t.grad_cp))
