@@ -173,3 +173,11 @@ def test_four_process_checkpoint_resumes_on_two(runs, tmp_path):
     ref, got = step_losses(runs / "ranks1"), step_losses(out)
     assert len(got) == 20
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
+
+
+def test_non_finite_loss_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    p = train(out, 2, fault="nan@7", check=False)
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "diverged at step 7" in p.stdout
+    assert [d.name for d in (out / "ckpt").iterdir()] == ["step-00000005"]

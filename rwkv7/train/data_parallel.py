@@ -28,6 +28,10 @@ from rwkv7.fsutil import atomic_write
 from rwkv7.train.bf16_optim import MasterWeightAdamW
 from rwkv7.train.graphed import GraphedStep
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); same arguments
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 ALIGN = 64          # shard length is a multiple of this many elements (128-byte aligned bf16 chunks for NCCL)
 GATHER_WINDOW = 1 << 24  # elements of each rank's shard gathered per collective when saving (bounds GPU memory)
 
@@ -134,10 +138,10 @@ class ShardedMasterAdamW(MasterWeightAdamW):
     @torch.no_grad()
     def step(self, closure=None):
         if self.world > 1:
-            dist.reduce_scatter_tensor(self.shard_grads, self.flat.grads)  # sums; grad_factor makes it the mean
+            _reduce_scatter(self.shard_grads, self.flat.grads)  # sums; grad_factor makes it the mean
         loss = super().step(closure)
         if self.world > 1:
-            dist.all_gather_into_tensor(self.flat.weights, self.flat.weights[self.flat.lo:self.flat.hi])
+            _all_gather(self.flat.weights, self.flat.weights[self.flat.lo:self.flat.hi])
         return loss
 
     # -- checkpoints: the whole state, in MasterWeightAdamW's format --------------------------------------------
@@ -159,7 +163,7 @@ class ShardedMasterAdamW(MasterWeightAdamW):
         for k0 in range(0, S, GATHER_WINDOW):
             k1 = min(S, k0 + GATHER_WINDOW)
             buf = torch.empty(self.world * (k1 - k0), dtype=shard.dtype, device=shard.device)
-            dist.all_gather_into_tensor(buf, shard[k0:k1].contiguous())
+            _all_gather(buf, shard[k0:k1].contiguous())
             if full is not None:
                 rows = buf.view(self.world, k1 - k0).cpu()
                 for r in range(self.world):
