@@ -4,7 +4,8 @@
 
 Runs, each in its own process: the 0.1b demo shape (micro_bsz 16, ctx 512, bf16, DeepSpeed stage 2) with grad_cp 1
 and 0, strategies single and ddp (one rank: its code path against single's), then 0.4b and 1.5b for a few steps.
-`--only 0.1b-single-cp1 0.1b-ddp1-cp1` runs the one-GPU ddp figure side by side. Per run: median ms/step and tokens/s after warm-up, MFU, peak memory.
+`--only 0.1b-single-cp1 0.1b-ddp1-cp1` runs the one-GPU ddp figure side by side. Per run: median ms/step and
+tokens/s after warm-up, MFU, peak memory.
 Prints one table last and writes bench/train_bench.json (or --json PATH).
 """
 from __future__ import annotations
