@@ -68,6 +68,8 @@ class FlatBuffers:
     .grad become views of them. The length is padded to ranks x S, rank r owning [r*S, (r+1)*S)."""
 
     def __init__(self, params: list[torch.nn.Parameter], world: int, rank: int):
+        if len({(p.dtype, p.device) for p in params}) != 1:
+            raise ValueError("strategy ddp flattens the parameters into one buffer: they need one dtype and device")
         n = sum(p.numel() for p in params)
         self.shard_len = -(-n // (world * ALIGN)) * ALIGN  # ceil(n / world), rounded up to ALIGN
         p0 = params[0]
