@@ -99,8 +99,8 @@ def plan(recipe: Recipe, gpus: int, gpu_gib: float, host_gib: float | None = Non
     m, t = recipe.model, recipe.train
     out = []
     for strategy in STRATEGIES:
-        if (strategy == "single") != (gpus == 1) and strategy in ("single", "ddp"):
-            continue  # ddp on one GPU is single's step
+        if (strategy == "single" and gpus != 1) or (strategy == "ddp" and gpus == 1):
+            continue  # one GPU: single; several: ddp, the same step on every rank
         g, h = memory(recipe, strategy, gpus, t.grad_cp, params)
         fits = g <= gpu_gib and (host_gib is None or h <= host_gib)
         measured = MEASURED_H200.get((m.n_layer, m.n_embd, strategy, t.grad_cp))
