@@ -52,7 +52,7 @@ elif [ "$STAGES" != official ]; then  # alone, the official stage builds ours in
   python3 kernels/build.py > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }; fi
 if has gputests; then stage gputests  # the CUDA-graph training path against the eager one, end to end and resumed
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tail -15; fi
-if has multigpu; then stage multigpu; python3 bench/multi_gpu.py --data "$DATA" --devices ${DEVICES:-2} 2>&1 | tail -40; fi
+if has multigpu; then stage multigpu; python3 bench/multi_gpu.py --data "$DATA" --devices ${DEVICES:-2} ${MULTIGPU_ARGS:-} 2>&1 | tail -40; fi
 if has train; then stage train; python3 bench/train_bench.py --data "$DATA" --quick --json "$OUT/train_bench.json" ${TRAIN_ARGS:-} 2>&1 | tail -14; fi
 if has golden; then stage golden
   python3 entrypoint.py train --recipe 0.1b-short --out /tmp/golden --fresh --no-progress --set data.path="$DATA" 2>&1 | tail -8

@@ -3,7 +3,9 @@
     python bench/train_bench.py --data PREFIX [--quick]
 
 Runs, each in its own process: the 0.1b demo shape (micro_bsz 16, ctx 512, bf16, DeepSpeed stage 2) with grad_cp 1
-and 0, then 0.4b and 1.5b for a few steps. Per run: median ms/step and tokens/s after warm-up, MFU, peak memory.
+and 0, strategies single and ddp (one rank: its code path against single's), then 0.4b and 1.5b for a few steps.
+`--only 0.1b-single-cp1 0.1b-ddp1-cp1` runs the one-GPU ddp figure side by side. Per run: median ms/step and
+tokens/s after warm-up, MFU, peak memory.
 Prints one table last and writes bench/train_bench.json (or --json PATH).
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> int:
     plan = [("0.1b-ds-cp1", "0.1b-short", n, []),
             ("0.1b-ds-cp0", "0.1b-short", n, ["train.grad_cp=0"]),
             ("0.1b-single-cp1", "0.1b-short", n, ["train.strategy=single"]),
+            ("0.1b-ddp1-cp1", "0.1b-short", n, ["train.strategy=ddp"]),  # ddp's code path on one rank
             ("0.1b-single-cp1-eager", "0.1b-short", n, ["train.strategy=single", "train.cuda_graph=0"]),
             ("0.1b-single-cp0", "0.1b-short", n, ["train.strategy=single", "train.grad_cp=0"]),
             ("0.1b-single-cp1-compile", "0.1b-short", n, ["train.strategy=single", "train.compile=1"]),

@@ -3,6 +3,8 @@
 Memory model (bytes; P parameters, n = micro_bsz x ctx_len tokens per GPU, C, L, V):
   weights and optimizer, per parameter: single 2 (bf16) + 2 (bf16 grad) + 4 (fp32 master) + 8 (Adam m, v) during
     forward/backward, and 4 more (fp32 master grads) only inside the optimizer step, when activations are gone;
+    ddp: 2 (bf16) + 2 (bf16 grads, one flat buffer) + 12/N (fp32 master + Adam shard) + 2/N (the reduced gradient
+    shard, N > 1), and 4/N (fp32 shard grads) inside the step;
     ZeRO-2: 4 + 12/N (+ one bucket), fitted to the measured peaks; ZeRO-3: 16/N (+ buckets); *_offload moves the
     12/N (stage 3: 16/N, keeping 4/N on the GPU) to host memory.
   loss head: the bf16 logits (their gradient is written into them: n V 2) + one fp32 chunk of the fused loss
@@ -69,6 +71,8 @@ def count_parameters(recipe: Recipe) -> int:
 def state_bytes(strategy: Strategy, P: int, N: int, buckets: float) -> tuple[float, float, float]:
     """(GPU bytes during forward/backward, extra GPU bytes inside the optimizer step, host bytes) for weights,
     gradients and optimizer state."""
+    if strategy.data_parallel:  # ddp: bf16 weights + grads (one flat buffer), fp32 master + Adam shard, reduced
+        return 4 * P + 12 * P / N + (2 * P / N if N > 1 else 0), 4 * P / N, 0.0  # gradient shard; shard grads
     if not strategy.uses_deepspeed:  # single: bf16 weights + bf16 grads + fp32 masters + Adam m, v; fp32 master grads
         return 16 * P, 4 * P, 0.0
     if strategy.zero_stage == 2:  # bf16 weights and grads replicated, fp32 masters and Adam sharded
@@ -98,7 +102,7 @@ def plan(recipe: Recipe, gpus: int, gpu_gib: float, host_gib: float | None = Non
     m, t = recipe.model, recipe.train
     out = []
     for strategy in STRATEGIES:
-        if strategy.one_gpu and gpus != 1:
+        if (strategy.one_gpu and gpus != 1) or (strategy.data_parallel and gpus == 1):  # one GPU: single
             continue
         g, h = memory(recipe, strategy, gpus, t.grad_cp, params)
         fits = g <= gpu_gib and (host_gib is None or h <= host_gib)

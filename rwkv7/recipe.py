@@ -134,6 +134,8 @@ class Recipe:
                   "recompute"):  # the last three: how the step runs, the same arithmetic
             d["train"].pop(k)
         d["train"]["real_bsz"] = self.real_bsz  # how a global batch is split over ranks does not change the numbers
+        if d["train"]["strategy"] == "ddp":  # single's arithmetic on N ranks: one run may move between the two
+            d["train"]["strategy"] = "single"
         d.pop("check")
         d.pop("description")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -355,8 +357,8 @@ def validate_train(r: Recipe) -> None:
         raise UserError(f"train.recompute {t.recompute!r} unknown; choose full (least memory) or selective (keeps "
                         "the matmul outputs: faster, more memory)")
     if t.accelerator == "cpu" and (t.precision != "fp32" or t.strategy.gpu_only):
-        raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto (DeepSpeed and bf16 training "
-                        "are GPU paths; train.devices=N on a CPU runs N processes with DDP)")
+        raise UserError("a CPU run needs train.precision=fp32 and train.strategy=auto or ddp (DeepSpeed and bf16 "
+                        "training are GPU paths; train.devices=N on a CPU runs N processes over gloo)")
     if t.strategy.unsupported:
         raise UserError(f"train.strategy={t.strategy} is not supported yet ({t.strategy.unsupported}); use "
                         "deepspeed_stage_2 or deepspeed_stage_2_offload")
@@ -365,7 +367,7 @@ def validate_train(r: Recipe) -> None:
                         "bad step stops the run (the last good checkpoint is kept)")
     if t.strategy.one_gpu and (t.accelerator != "gpu" or t.gpus != 1):
         raise UserError("train.strategy=single is one GPU (pure bf16 + fp32 master weights); use "
-                        "deepspeed_stage_2 for several GPUs")
+                        "ddp (the same step, data parallel) for several GPUs")
     if t.accelerator == "gpu" and t.ctx_len % 16:
         raise UserError(f"train.ctx_len ({t.ctx_len}) must be a multiple of 16 for the CUDA wkv7 kernel")
     if not t.epoch_steps and MINI_EPOCH_SAMPLES % r.real_bsz:

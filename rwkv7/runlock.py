@@ -57,7 +57,7 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        from rwkv7.doctor import folder_problem
+        from rwkv7.fsutil import folder_problem
 
         _, problem = folder_problem(self.run_dir, "run folder")
         if problem:

@@ -20,6 +20,7 @@ class Traits:
     master_weights: bool = False   # pure bf16 module + fp32 masters in MasterWeightAdamW (no precision plugin)
     supports_cuda_graph: bool = False  # forward + backward can be replayed as one CUDA graph (train.cuda_graph)
     one_gpu: bool = False          # runs on exactly one GPU
+    data_parallel: bool = False    # several ranks: our gradient reduction + sharded optimizer (train/data_parallel.py)
     gpu_only: bool = True          # no CPU run uses it
     planned: bool = True           # `rwkv7 plan` estimates it
     unsupported: str = ""          # why recipe validation refuses it (empty: supported)
@@ -37,6 +38,8 @@ class Strategy(StrEnum):
     # CPU runs (plain Lightning, DDP over gloo for several processes); on GPUs resolved by `resolved_for`
     AUTO = "auto", Traits(gpu_only=False, planned=False)
     SINGLE = "single", Traits(master_weights=True, supports_cuda_graph=True, one_gpu=True)
+    # single's step on every rank, gradients reduce-scattered, masters and AdamW state sharded; CPU ranks over gloo
+    DDP = "ddp", Traits(master_weights=True, supports_cuda_graph=True, data_parallel=True, gpu_only=False)
     DEEPSPEED_STAGE_2 = "deepspeed_stage_2", Traits(uses_deepspeed=True, zero_stage=2)
     DEEPSPEED_STAGE_2_OFFLOAD = "deepspeed_stage_2_offload", Traits(uses_deepspeed=True, zero_stage=2, offload=True)
     DEEPSPEED_STAGE_3 = "deepspeed_stage_3", Traits(
@@ -52,6 +55,7 @@ class Strategy(StrEnum):
     master_weights = property(lambda self: self.traits.master_weights)
     supports_cuda_graph = property(lambda self: self.traits.supports_cuda_graph)
     one_gpu = property(lambda self: self.traits.one_gpu)
+    data_parallel = property(lambda self: self.traits.data_parallel)
     gpu_only = property(lambda self: self.traits.gpu_only)
     planned = property(lambda self: self.traits.planned)
     unsupported = property(lambda self: self.traits.unsupported)
@@ -71,8 +75,10 @@ class Strategy(StrEnum):
                             f"{', '.join(s.value for s in cls)}") from None
 
     def resolved_for(self, accelerator: str, gpus: int, precision: str) -> "Strategy":
-        """auto on GPUs: single on one GPU in bf16 (pure bf16 + fp32 masters, one CUDA graph per step), DeepSpeed
-        stage 2 on several. On CPUs auto stays auto."""
+        """auto on GPUs in bf16: single on one GPU (pure bf16 + fp32 masters, one CUDA graph per step), ddp on several
+        (the same step on every rank, a sharded optimizer); DeepSpeed stage 2 in fp32. On CPUs auto stays auto."""
         if self is not Strategy.AUTO or accelerator != "gpu":
             return self
-        return Strategy.SINGLE if gpus == 1 and precision == "bf16" else Strategy.DEEPSPEED_STAGE_2
+        if precision != "bf16":
+            return Strategy.DEEPSPEED_STAGE_2
+        return Strategy.SINGLE if gpus == 1 else Strategy.DDP

@@ -69,6 +69,10 @@ def test_sharding_and_offload_move_memory_where_they_should():
     off, host = memory(r, "deepspeed_stage_3_offload", 4, 1, P)
     assert z2_4 < z2_1 and z3_4 < z2_4 and off < z3_4 and host > 0
     assert memory(r, "single", 1, 0, P)[0] > memory(r, "single", 1, 1, P)[0]  # grad_cp saves memory
+    # ddp shards the fp32 master and Adam state (12 bytes per parameter) over the ranks, not the bf16 weights/grads
+    ddp_1, ddp_4 = memory(r, "ddp", 1, 1, P)[0], memory(r, "ddp", 4, 1, P)[0]
+    assert ddp_1 == memory(r, "single", 1, 1, P)[0]
+    assert ddp_4 < ddp_1 and ddp_4 > memory(r, "deepspeed_stage_3", 4, 1, P)[0]
 
 
 def test_recommendation_prefers_the_fastest_measured_fit_and_reports_no_fit():
@@ -79,6 +83,9 @@ def test_recommendation_prefers_the_fastest_measured_fit_and_reports_no_fit():
 
 def test_plan_cli(cli):
     code, out, _ = cli("plan", "--recipe", "0.1b", "--gpus", "2")
-    assert code == 0 and "deepspeed_stage_2" in out and "single" not in out.split("strategy", 1)[1].split("recommended")[0]
+    table = out.split("strategy", 1)[1].split("recommended")[0]
+    assert code == 0 and "deepspeed_stage_2" in out and "ddp" in table and "single" not in table
+    code, out, _ = cli("plan", "--recipe", "0.1b", "--gpus", "1")
+    assert code == 0 and "ddp" not in out.split("strategy", 1)[1].split("recommended")[0]
     code, _, err = cli("plan", "--recipe", "0.1b", "--gpus", "0")
     assert code == 2 and err.startswith("error:")

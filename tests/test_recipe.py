@@ -25,11 +25,13 @@ def test_official_demo_values():
 
 
 def test_auto_strategy_resolves_by_gpu_count():
-    """strategy auto: one GPU in bf16 -> single (the fast path), several GPUs or nodes -> DeepSpeed stage 2 (the
-    official setup); CPU runs keep auto. An explicit strategy is never changed."""
+    """strategy auto: one GPU in bf16 -> single (the fast path), several GPUs or nodes -> ddp (the same step on every
+    rank, sharded optimizer); fp32 -> DeepSpeed stage 2; CPU runs keep auto. An explicit strategy is never changed."""
     assert load_recipe("0.1b").train.strategy == "single"
-    assert load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8"]).train.strategy == "deepspeed_stage_2"
-    assert load_recipe("0.1b", ["train.num_nodes=2", "train.micro_bsz=8"]).train.strategy == "deepspeed_stage_2"
+    assert load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8"]).train.strategy == "ddp"
+    assert load_recipe("0.1b", ["train.num_nodes=2", "train.micro_bsz=8"]).train.strategy == "ddp"
+    assert load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8", "train.precision=fp32"]).train.strategy \
+        == "deepspeed_stage_2"
     assert load_recipe("0.1b", ["train.strategy=deepspeed_stage_2"]).train.strategy == "deepspeed_stage_2"
     assert load_recipe("0.1b-short").train.strategy == "deepspeed_stage_2"
     assert load_recipe("tiny").train.strategy == "auto"
@@ -47,6 +49,16 @@ def test_data_path_override_switches_a_hub_recipe_to_local_data():
     assert load_recipe("0.1b").data.source == "hub"
 
 
+def test_single_and_ddp_share_a_fingerprint():
+    """ddp is single's arithmetic on several ranks: a run may move between one GPU and several at the same global
+    batch (the optimizer state has one format); DeepSpeed's numbers differ."""
+    single = load_recipe("0.1b")
+    ddp = load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8"])
+    assert (single.train.strategy, ddp.train.strategy) == ("single", "ddp")
+    assert single.fingerprint() == ddp.fingerprint()
+    assert load_recipe("0.1b", ["train.strategy=deepspeed_stage_2"]).fingerprint() != single.fingerprint()
+
+
 def test_fingerprint_ignores_run_length_but_not_numbers():
     base = load_recipe("tiny").fingerprint()
     assert load_recipe("tiny", ["train.epoch_count=20"]).fingerprint() == base
@@ -58,7 +70,8 @@ def test_fingerprint_ignores_run_length_but_not_numbers():
     ("train.micro_bsz=11 train.epoch_steps=0", "40320"),
     ("train.lr_final=1", "lr_final"),
     ("train.precision=fp16", "bf16 or fp32"),
-    ("train.strategy=ddp", "unknown"),
+    ("train.strategy=fsdp", "unknown"),
+    ("train.strategy=ddp train.precision=bf16", "CPU run needs train.precision=fp32"),
     ("model.nope=1", "unknown key"),
     ("train.warmup_steps=x", "must be a int"),
     ("train.strategy=deepspeed_stage_3 train.accelerator=gpu train.precision=bf16", "not supported yet"),

@@ -262,14 +262,20 @@ def test_deepspeed_checkpoint_on_another_gpu_count_is_refused_clearly(tmp_path):
     from rwkv7.recipe import load_recipe
     from rwkv7.train.resume import find_resume
 
-    recipe = load_recipe("0.1b", ["train.devices=4", "train.micro_bsz=4"])
+    ds = "train.strategy=deepspeed_stage_2"
+    recipe = load_recipe("0.1b", ["train.devices=4", "train.micro_bsz=4", ds])
     ck = tmp_path / "ckpt" / "step-00000010"
     ck.mkdir(parents=True)
     meta = {"state": {"step": 10}, "fingerprint": recipe.fingerprint(), "world_size": 2}
     (ck / "meta.json").write_text(_json.dumps(meta))
     with pytest.raises(UserError, match="ZeRO shards of 2 GPU"):
         find_resume(tmp_path, recipe, force=False)
-    assert find_resume(tmp_path, load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8"]), False)[1].step == 10
+    assert find_resume(tmp_path, load_recipe("0.1b", ["train.devices=2", "train.micro_bsz=8", ds]), False)[1].step == 10
+    # ddp (what auto picks on several GPUs) gathers its optimizer shards into one state: any GPU count resumes
+    ddp = load_recipe("0.1b", ["train.devices=4", "train.micro_bsz=4"])
+    assert ddp.train.strategy == "ddp"
+    (ck / "meta.json").write_text(_json.dumps({**meta, "fingerprint": ddp.fingerprint()}))
+    assert find_resume(tmp_path, ddp, force=False)[1].step == 10
 
 
 def assert_same_run_as_reference(out, reference_run):

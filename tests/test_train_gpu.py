@@ -87,3 +87,35 @@ def test_cuda_graph_run_matches_eager_run_and_resumes(tmp_path):
     c = step_losses(resumed)
     assert len(c) == 30
     assert max(abs(x - y) for x, y in zip(b, c)) <= 0.02, (b, c)
+
+
+def test_ddp_on_one_gpu_is_single_and_resumes(tmp_path):
+    """strategy ddp with one rank: the same graphed step as single, through the flat gradient buffer and the sharded
+    optimizer (one shard); per step the same losses, and a SIGKILL + resume continues the curve."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    for out, strategy in ((single, "single"), (ddp, "ddp")):
+        p = train(out, f"train.strategy={strategy}")
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    a, b = step_losses(single), step_losses(ddp)
+    assert len(a) == len(b) == 30
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 0.02, (a, b)
+    resumed = tmp_path / "resumed"
+    assert train(resumed, "train.strategy=ddp", fault="kill@15").returncode == -9
+    p = train(resumed, "train.strategy=ddp")
+    assert p.returncode == 0 and "resuming" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    c = step_losses(resumed)
+    assert len(c) == 30 and max(abs(x - y) for x, y in zip(b, c)) <= 0.02, (b, c)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ddp_on_two_gpus_matches_one_at_the_same_global_batch(tmp_path):
+    """NCCL: reduce-scatter of the graphed step's bf16 gradients, sharded AdamW, all-gather; a checkpoint of two
+    ranks resumes on one (under ddp, whose optimizer state is gathered in single's format)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train(one, "train.strategy=ddp").returncode == 0
+    p = train(two, "train.strategy=ddp", "train.devices=2", "train.micro_bsz=4", fault="kill@15")
+    assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-3000:]
+    p = train(two, "train.strategy=ddp", "train.devices=1", "train.micro_bsz=8")
+    assert p.returncode == 0 and "resuming" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    a, b = step_losses(one), step_losses(two)
+    assert len(a) == len(b) == 30 and max(abs(x - y) for x, y in zip(a, b)) <= 0.02, (a, b)

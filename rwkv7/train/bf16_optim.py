@@ -23,6 +23,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.clip = clip
         self.last_grad_norm = None
         self.keep_model_grads = False  # True under a CUDA graph: the bf16 gradients live in the graph's buffers
+        self.grad_factor = 1.0  # applied to the fp32 gradients first (strategy ddp: 1 / ranks, the mean over ranks)
 
     def _pairs(self):
         for group, params in zip(self.param_groups, self.model_params):
@@ -47,14 +48,21 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if not self.keep_model_grads:
             for p, _ in self._pairs():
                 p.grad = None  # free the bf16 gradients before Adam's temporaries are allocated
-        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
-            [m for _, m in self._pairs() if m.grad is not None], self.clip or float("inf"), foreach=True)
+        if self.grad_factor != 1.0:
+            torch._foreach_mul_(master, self.grad_factor)
+        with_grad = [m for _, m in self._pairs() if m.grad is not None]
+        self.last_grad_norm = self._grad_norm([m.grad for m in with_grad])
+        torch.nn.utils.clip_grads_with_norm_(with_grad, self.clip or float("inf"), self.last_grad_norm, foreach=True)
         super().step()
         pairs = [(p, m) for p, m in self._pairs()]
         torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
         for _, m in pairs:
             m.grad = None  # fp32 gradients live only within the step (0.7 GiB at 0.1b)
         return loss
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The global L2 norm of the fp32 gradients (clip_grad_norm_'s; a sharded optimizer adds the other ranks')."""
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
 
     def zero_grad(self, set_to_none: bool = True):
         for p, m in self._pairs():

@@ -49,7 +49,9 @@ class RWKV7Module(pl.LightningModule):
         # optimizer step then runs here (manual optimization). Skipping bad steps needs the eager path.
         self.use_graph = (recipe.train.strategy.supports_cuda_graph and recipe.train.cuda_graph and not self.check_now
                           and torch.cuda.is_available())
-        self.automatic_optimization = not self.use_graph
+        # strategy ddp: the same step, then gradient reduction and a sharded optimizer (rwkv7/train/data_parallel.py)
+        self.data_parallel = recipe.train.strategy.data_parallel
+        self.automatic_optimization = not (self.use_graph or self.data_parallel)
         self.graphed = None
 
     def forward(self, idx):
@@ -57,6 +59,10 @@ class RWKV7Module(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.data_parallel:
+            from rwkv7.train import data_parallel
+
+            return data_parallel.training_step(self, x, y)
         if self.use_graph:
             return self._graphed_step(x, y)
         loss = training_loss(self.model, x, y)
@@ -121,6 +127,10 @@ class RWKV7Module(pl.LightningModule):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=t.weight_decay > 0, **kwargs)
+        if t.strategy.data_parallel:  # this rank's shard of the fp32 masters and AdamW state
+            from rwkv7.train.data_parallel import sharded_optimizer
+
+            return sharded_optimizer(self.model, groups, (t.micro_bsz, t.ctx_len), clip=t.grad_clip, **kwargs)
         if t.strategy.master_weights:
             from rwkv7.train.bf16_optim import MasterWeightAdamW
 

@@ -49,6 +49,10 @@ def write_checkpoint_files(trainer, pl_module, tmp: Path) -> None:
         engine.save_checkpoint(str(tmp), tag="ds")  # every rank writes its own shard
         if trainer.is_global_zero:
             ckpt.save_weights(pl_module.model, tmp / "weights.pth")
+    elif getattr(trainer.optimizers[0], "sharded", False):  # strategy ddp: every rank sends its optimizer shard
+        from rwkv7.train.data_parallel import save_state
+
+        save_state(tmp, pl_module.model, trainer.optimizers[0], write=trainer.is_global_zero)
     elif trainer.is_global_zero:
         ckpt.save_plain_state(tmp, pl_module.model, trainer.optimizers[0])
 

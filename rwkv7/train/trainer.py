@@ -36,6 +36,11 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
                   callbacks=callbacks, num_nodes=t.num_nodes, devices=t.devices)
     timeout = datetime.timedelta(minutes=t.dist_timeout_min)
     several = t.gpus > 1
+    if t.strategy.data_parallel:  # Lightning launches the ranks; rwkv7/train/data_parallel.py reduces and shards
+        from rwkv7.train.data_parallel import lightning_strategy
+
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        return pl.Trainer(accelerator=t.accelerator, precision=32, strategy=lightning_strategy(timeout), **kwargs)
     if t.accelerator == "cpu":  # several CPU processes: DDP over gloo (tests the multi-rank logic without GPUs)
         from pytorch_lightning.strategies import DDPStrategy
 
