@@ -28,11 +28,12 @@ LOSS_CHUNK_ROWS = 1024  # rwkv7.train.loss.CHUNK_ROWS
 STRATEGIES = tuple(s for s in Strategy if s.planned)
 
 # Measured on one H200 with bench/train_bench.py (docs/PERFORMANCE.md): (L, C, strategy, grad_cp) -> (tokens/s,
-# peak allocated GiB). 0.1b: 2026-11-27 (run 3). single cp1: tok/s with the CUDA graph, peak of the eager path (the
-# graph's capture peaked lower, at 3.71 GiB); single cp0: the CUDA graph. 0.4b/1.5b: 2026-11-26, before the fused
-# loss (no peak kept).
+# peak allocated GiB). single cp1: 2026-11-29 (bench/vs_official.py: compiled blocks, selective recomputation, the
+# head inside the loss; the model above, written for the logits path, estimates both peaks within 10%). Other 0.1b
+# rows: 2026-11-27 (run 3; single cp0: the CUDA graph). DeepSpeed 0.4b/1.5b: 2026-11-26, before the fused loss.
 MEASURED_H200 = {
-    (12, 768, "single", 1): (99_549, 4.25),
+    (12, 768, "single", 1): (154_566, 4.01),
+    (24, 2048, "single", 1): (32_768, 28.67),
     (12, 768, "single", 0): (118_340, 9.50),
     (12, 768, "deepspeed_stage_2", 1): (25_752, 4.24),
     (12, 768, "deepspeed_stage_2", 0): (46_020, None),
