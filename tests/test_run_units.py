@@ -251,3 +251,39 @@ def test_fault_hooks_send_their_signal_at_their_step_only(monkeypatch, spec, hoo
     base = Faults()
     assert base.after_step(step) is None and base.checkpoint_half_written(step) is None
     assert base.before_log_line(step) is None
+
+
+def test_module_flags_follow_the_recipe():
+    """check_now: CPU runs, or bad steps to skip (the answer is needed before the update); otherwise GPUs check one
+    step late. The CUDA graph needs strategy single, train.cuda_graph, no early check and a GPU."""
+    gpu = ["train.accelerator=gpu", "train.precision=bf16", "train.strategy=single"]
+    cpu = module()
+    assert (cpu.check_now, cpu.bad_steps, cpu.run_step, cpu.skipped, cpu.last_grad_norm, cpu.graphed) == \
+        (True, 0, 0, False, None, None)
+    assert type(cpu.faults) is Faults and cpu.automatic_optimization
+    late = module(extra=gpu)
+    assert not late.check_now and late.use_graph == torch.cuda.is_available()
+    assert late.automatic_optimization is not late.use_graph
+    assert module(max_bad_steps=1, extra=gpu).check_now and not module(max_bad_steps=1, extra=gpu).use_graph
+    assert not module(extra=gpu + ["train.cuda_graph=false"]).use_graph
+    assert not module(extra=["train.accelerator=gpu", "train.precision=bf16",
+                             "train.strategy=deepspeed_stage_2"]).use_graph
+
+
+def test_optimizer_per_strategy():
+    """AdamW with the recipe's lr, betas, eps (fused kernels on GPUs); strategy single: MasterWeightAdamW over fp32
+    masters with the recipe's clip. (DeepSpeedCPUAdam, for *_offload, builds a C++ op: left to the GPU suite.)"""
+    from rwkv7.train.bf16_optim import MasterWeightAdamW
+
+    opt = module(extra=["train.lr_init=3e-4", "train.lr_final=1e-5", "train.beta1=0.8", "train.adam_eps=1e-9"]) \
+        .configure_optimizers()
+    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["eps"]) == (3e-4, (0.8, 0.99), 1e-9)
+    gpu = module(extra=["train.accelerator=gpu", "train.precision=bf16", "train.strategy=deepspeed_stage_2"])
+    assert gpu.configure_optimizers().defaults["fused"] is True
+    single = module(extra=["train.accelerator=gpu", "train.precision=bf16", "train.strategy=single",
+                           "train.grad_clip=0.5", "train.lr_init=2e-4", "train.lr_final=1e-5"])
+    mw = single.configure_optimizers()
+    assert type(mw) is MasterWeightAdamW and mw.clip == 0.5 and mw.defaults["lr"] == 2e-4
+    assert [g["name"] for g in mw.param_groups] == ["lr_1x", "lr_2x", "lr_decay"]
+    assert sum(len(g) for g in mw.model_params) == len(list(single.model.parameters()))
