@@ -87,19 +87,21 @@ def test_repair_keeps_a_matching_log_unchanged(tmp_path):
 
 
 def test_repair_trims_metrics_and_validation_rows_after_the_checkpoint(tmp_path):
-    (tmp_path / "train_log.txt").write_text(line(0, 5.0))
+    (tmp_path / "train_log.txt").write_text(line(0, 5.0) + line(1, 4.0))  # epoch 1 is after the checkpoint
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 9))
                                             + '{"step": 9')  # torn
-    (tmp_path / "val_log.txt").write_text("0 4.9 134.3 100\n1 3.9 49.4 100\n")
+    (tmp_path / "val_log.txt").write_bytes(b"0 4.9 134.3 100 \xff\n1 3.9 49.4 100\n")  # a stray byte is kept
     repair_run_files(tmp_path, state_with([0], 6))
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
-    assert (tmp_path / "val_log.txt").read_text() == "0 4.9 134.3 100\n"
+    assert (tmp_path / "val_log.txt").read_text() == "0 4.9 134.3 100 \ufffd\n"
+    assert [r.epoch for r in parse_log(tmp_path / "train_log.txt")] == [0]
 
 
 def test_run_state_mini_epoch_sums():
     s = RunState()
     assert s.mean_loss() == 0.0  # no division by zero before the first step
     s.add_loss(2.0)
+    assert s.mean_loss() == 2.0
     s.add_loss(3.0)
     assert (s.loss_sum, s.loss_count, s.mean_loss()) == (5.0, 2, 2.5)
     s.close_mini_epoch(0, 2.5, 1e-3, "l")
@@ -174,9 +176,11 @@ def test_throughput_and_mfu_by_hand():
     assert speed.update(11) is False and speed.tok_s == 0.0  # under a second: not measured yet
     t[0] = 102.0
     assert speed.update(14) is True and speed.tok_s == 2000.0  # 4 steps x 1000 tokens in 2 s
-    assert speed.mfu() == pytest.approx(2000 * 6e9 / (100e12 * 2))  # 6e-5
-    t[0] = 102.1
-    assert speed.update(50) is True and speed.tok_s == pytest.approx(36 * 1000 / 0.1)  # the last step always
+    assert speed.mfu() == 0.06  # 2000 tok/s x 6e9 FLOPs / (100 TFLOP/s x 2 GPUs), exactly
+    t[0] = 103.0
+    assert speed.update(15) is True and speed.tok_s == 1000.0  # exactly one second is a window
+    t[0] = 103.1
+    assert speed.update(50) is True and speed.tok_s == pytest.approx(35 * 1000 / 0.1)  # the last step always
     assert Throughput(1, 0, 1, 1.0, None, 1).mfu() is None  # no known peak (CPU): no MFU
     assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("cpu") is None

@@ -252,3 +252,141 @@ def test_fault_hooks_send_their_signal_at_their_step_only(monkeypatch, spec, hoo
     base = Faults()
     assert base.after_step(step) is None and base.checkpoint_half_written(step) is None
     assert base.before_log_line(step) is None
+
+
+def test_module_flags_follow_the_recipe():
+    """check_now: CPU runs, or bad steps to skip (the answer is needed before the update); otherwise GPUs check one
+    step late. The CUDA graph needs strategy single, train.cuda_graph, no early check and a GPU."""
+    gpu = ["train.accelerator=gpu", "train.precision=bf16", "train.strategy=single"]
+    cpu = module()
+    assert (cpu.check_now, cpu.bad_steps, cpu.run_step, cpu.skipped, cpu.last_grad_norm, cpu.graphed) == \
+        (True, 0, 0, False, None, None)
+    assert type(cpu.faults) is Faults and cpu.automatic_optimization
+    late = module(extra=gpu)
+    assert not late.check_now and late.use_graph == torch.cuda.is_available()
+    assert late.automatic_optimization is not late.use_graph
+    assert module(max_bad_steps=1, extra=gpu).check_now and not module(max_bad_steps=1, extra=gpu).use_graph
+    assert not module(extra=gpu + ["train.cuda_graph=false"]).use_graph
+    assert not module(extra=["train.accelerator=gpu", "train.precision=bf16",
+                             "train.strategy=deepspeed_stage_2"]).use_graph
+
+
+def test_optimizer_per_strategy():
+    """AdamW with the recipe's lr, betas, eps (fused kernels on GPUs); strategy single: MasterWeightAdamW over fp32
+    masters with the recipe's clip. (DeepSpeedCPUAdam, for *_offload, builds a C++ op: left to the GPU suite.)"""
+    from rwkv7.train.bf16_optim import MasterWeightAdamW
+
+    opt = module(extra=["train.lr_init=3e-4", "train.lr_final=1e-5", "train.beta1=0.8", "train.adam_eps=1e-9"]) \
+        .configure_optimizers()
+    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["eps"]) == (3e-4, (0.8, 0.99), 1e-9)
+    gpu = module(extra=["train.accelerator=gpu", "train.precision=bf16", "train.strategy=deepspeed_stage_2"])
+    assert gpu.configure_optimizers().defaults["fused"] is True
+    single = module(extra=["train.accelerator=gpu", "train.precision=bf16", "train.strategy=single",
+                           "train.grad_clip=0.5", "train.lr_init=2e-4", "train.lr_final=1e-5"])
+    mw = single.configure_optimizers()
+    assert type(mw) is MasterWeightAdamW and mw.clip == 0.5 and mw.defaults["lr"] == 2e-4
+    assert [g["name"] for g in mw.param_groups] == ["lr_1x", "lr_2x", "lr_decay"]
+    assert sum(len(g) for g in mw.model_params) == len(list(single.model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics on a GPU run, wandb, the divergence message, the sampler before the trainer sets the rank
+
+
+def test_metrics_row_on_a_gpu_run_has_peak_memory(monkeypatch):
+    import time
+
+    from rwkv7.train.metrics import metrics_row
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: int(1.23456 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: int(2.34567 * 2 ** 30))
+    monkeypatch.setattr(time, "time", lambda: 1234.56789)
+    gpu = load_recipe("0.1b")
+    row = metrics_row(gpu, 1, 2.0, 1e-3, None, 0.0, None)
+    assert (row["peak_mem_gib"], row["peak_reserved_gib"], row["time"]) == (1.235, 2.346, 1234.568)
+    assert "peak_mem_gib" not in metrics_row(load_recipe("tiny"), 1, 2.0, 1e-3, None, 0.0, None)  # a CPU recipe
+
+
+def test_wandb_gets_the_recipe_and_every_row_on_the_writing_rank_only(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from rwkv7.train.metrics import MetricsLog
+
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(("log", row, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    recipe = load_recipe("tiny")
+    for project, writer in ((None, True), ("p", False)):
+        MetricsLog(tmp_path, writer).start_wandb(recipe, project, tmp_path)
+    assert calls == []
+    log = MetricsLog(tmp_path, True)
+    log.start_wandb(recipe, "proj", tmp_path)
+    log.add({"step": 3, "loss": 1.0})
+    log.close()
+    assert calls[0] == ("init", {"project": "proj", "config": recipe.to_dict(), "resume": "allow",
+                                 "name": "tiny L2 D128 ctx64", "dir": str(tmp_path)})
+    assert calls[1:] == [("log", {"step": 3, "loss": 1.0}, 3), ("finish",)]
+    assert log.path == tmp_path / "metrics.jsonl" and json.loads(log.path.read_text()) == {"step": 3, "loss": 1.0}
+
+
+def test_metrics_file_holds_one_json_row_per_line_and_nothing_when_empty(tmp_path):
+    from rwkv7.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, True)
+    log.flush()
+    assert not log.path.exists()  # an empty flush writes nothing (not even a blank line)
+    for s in (1, 2, 3):
+        log.add({"step": s})
+    log.flush()
+    assert [json.loads(x) for x in log.path.read_text().splitlines()] == [{"step": 1}, {"step": 2}, {"step": 3}]
+
+
+def test_divergence_message_names_the_step_of_the_bad_update():
+    from rwkv7.train.guards import diverged
+
+    assert str(diverged(8, math.nan)) == ("training diverged at step 7: loss is nan "
+                                          "(set train.max_bad_steps to skip bad steps)")
+
+
+def test_sampler_is_the_single_rank_order_until_the_trainer_sets_rank_and_world():
+    import numpy as np
+
+    from rwkv7.data.sampler import MagicPrimeWindows
+
+    tokens = np.arange(2000, dtype=np.uint16)
+    ds = MagicPrimeWindows(tokens, 8, 239, 2, 2, 0, 3)
+    assert (ds.rank, ds.world) == (0, 1)
+    explicit = MagicPrimeWindows(tokens, 8, 239, 2, 2, 0, 3)
+    explicit.rank, explicit.world = 0, 1
+    assert all(torch.equal(ds[i][0], explicit[i][0]) for i in range(len(ds)))
+    explicit.rank, explicit.world = 1, 2
+    assert not torch.equal(ds[0][0], explicit[0][0])
+
+
+def test_log_repair_without_a_log_and_with_later_runs_headers(tmp_path):
+    import datetime
+
+    from rwkv7.trajectory import format_epoch_line
+
+    def line(e):
+        return format_epoch_line(e, 5.0 - e, 1e-3, e, datetime.datetime(2026, 1, 1))
+
+    state = resume.RunState(step=5, records=[{"epoch": 0, "loss": 5.0, "lr": 1e-3, "line": line(0)}])
+    log = tmp_path / "train_log.txt"
+    resume.repair_log(log, state)  # the kill came before the log existed: it is rebuilt from the checkpoint
+    assert log.read_text() == line(0)
+    log.write_bytes(b"NEW RUN 1 \xff\n" + line(0).encode() + line(1).encode() + b"NEW RUN 2\n{}\n")
+    resume.repair_log(log, state)
+    assert log.read_text() == "NEW RUN 1 \ufffd\n" + line(0) + "NEW RUN 2\n{}\n"  # only the epoch-1 line goes
