@@ -273,7 +273,7 @@ def test_unwritable_output_path(tmp_path, capsys):
     blocker.write_text("I am a file, not a folder")
     src = write_jsonl(tmp_path / "a.jsonl", ["a"])
     rc, err = run_cli(capsys, "prepare", "--input", src, "--out", blocker / "sub" / "o")
-    assert_one_error(rc, err, "cannot write", "--out")
+    assert_one_error(rc, err, "not a folder", "--out")
 
 
 def test_check_rejects_ids_beyond_vocab(tmp_path, capsys):
