@@ -113,6 +113,6 @@ def handled():
 def defer(callback: Callable | None) -> None:
     """While set, the next signal calls `callback(signum, frame)` instead of ending the process (None: end it)."""
     global _deferred
-    if callback is not None and _owner != os.getpid():  # run outside the CLI (tests, `make golden`)
-        install()
+    if callback is not None and (_owner != os.getpid() or any(signal.getsignal(s) is not _handler for s in SIGNALS)):
+        install()  # run outside the CLI (tests, `make golden`), or after `handled()` restored other handlers
     _deferred = callback

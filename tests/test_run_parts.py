@@ -206,6 +206,16 @@ def test_signal_stop_sets_a_flag_instead_of_dying():
             signal.signal(s, h)
 
 
+def test_signal_stop_works_after_the_cli_restored_its_handlers():
+    """In-process CLI calls (tests, golden) leave rwkv7.signals' owner set but restore the previous handlers on the
+    way out; a later SignalStop must install its handler again, not leave Python's default (a KeyboardInterrupt)."""
+    from rwkv7 import signals
+
+    with signals.handled():
+        pass
+    test_signal_stop_sets_a_flag_instead_of_dying()
+
+
 def test_fault_hooks_from_the_environment():
     assert type(faults_from_env({})) is Faults
     f = faults_from_env({"RWKV7_TEST_FAULT": "nan@7"})
