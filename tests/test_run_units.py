@@ -405,3 +405,14 @@ def test_progress_bar_settings_and_gpu_postfix(monkeypatch, capsys):
     assert bar.bar.postfix == "loss 3.0000 lr 0.0006 2000.0 kt/s MFU 10.0% 1.5 GiB"  # 2e13 / 2e14 FLOP/s
     bar.close()
     capsys.readouterr()
+
+
+def test_progress_bar_on_a_terminal_redraws_twice_a_second(monkeypatch):
+    import sys
+
+    from rwkv7.train.progress import ProgressBar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = ProgressBar(True, "tiny", 0, 10)
+    assert bar.bar.mininterval == 0.5
+    bar.close()
