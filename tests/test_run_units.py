@@ -390,3 +390,30 @@ def test_log_repair_without_a_log_and_with_later_runs_headers(tmp_path):
     log.write_bytes(b"NEW RUN 1 \xff\n" + line(0).encode() + line(1).encode() + b"NEW RUN 2\n{}\n")
     resume.repair_log(log, state)
     assert log.read_text() == "NEW RUN 1 \ufffd\n" + line(0) + "NEW RUN 2\n{}\n"  # only the epoch-1 line goes
+
+
+def test_progress_bar_settings_and_gpu_postfix(monkeypatch, capsys):
+    """Under a pipe (not a TTY, as here) the bar redraws at most every 10 s; on GPUs the postfix adds MFU and the
+    peak memory, as metrics.jsonl has them."""
+    from rwkv7.train.progress import ProgressBar, Throughput
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: int(1.5 * 2 ** 30))
+    bar = ProgressBar(True, "0.1b", 0, 100)
+    assert (bar.bar.unit, bar.bar.mininterval, bool(bar.bar.dynamic_ncols)) == ("step", 10.0, True)
+    speed = Throughput(8192, 0, 100, 1e7, 100.0, 2)
+    speed.tok_s = 2_000_000.0
+    bar.step(True, 3.0, 6e-4, speed)
+    assert bar.bar.postfix == "loss 3.0000 lr 0.0006 2000.0 kt/s MFU 10.0% 1.5 GiB"  # 2e13 / 2e14 FLOP/s
+    bar.close()
+    capsys.readouterr()
+
+
+def test_progress_bar_on_a_terminal_redraws_twice_a_second(monkeypatch):
+    import sys
+
+    from rwkv7.train.progress import ProgressBar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = ProgressBar(True, "tiny", 0, 10)
+    assert bar.bar.mininterval == 0.5
+    bar.close()

@@ -361,7 +361,8 @@ def test_rotation_keeps_exactly_keep_checkpoints(reference_run):
 
 def test_each_parameter_group_trained_with_its_official_lr(reference_run):
     """The optimizer state of the last checkpoint: every group's lr is the schedule's lr of the last step times its
-    my_lr_scale (official-rwkv7-trainer.md §3.3: lr_2x twice, the others once), weight decay only on lr_decay (§3.1)."""
+    my_lr_scale (official-rwkv7-trainer.md §3.3: lr_2x twice, the others once), weight decay only on lr_decay
+    (§3.1)."""
     from rwkv7 import checkpoint
     from rwkv7.recipe import load_recipe
     from rwkv7.train.schedule import learning_rate
