@@ -230,7 +230,7 @@ def test_fault_hooks_from_the_environment():
 
 
 def test_strategy_properties_and_recipe_strings():
-    assert [s.value for s in Strategy] == ["auto", "single", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+    assert [s.value for s in Strategy] == ["auto", "single", "ddp", "deepspeed_stage_2", "deepspeed_stage_2_offload",
                                            "deepspeed_stage_3", "deepspeed_stage_3_offload"]
     assert Strategy.SINGLE.master_weights and Strategy.SINGLE.supports_cuda_graph and Strategy.SINGLE.one_gpu
     assert not Strategy.SINGLE.uses_deepspeed and Strategy.SINGLE.clips_in_optimizer
@@ -239,7 +239,10 @@ def test_strategy_properties_and_recipe_strings():
     assert Strategy.DEEPSPEED_STAGE_3.zero_stage == 3 and Strategy.DEEPSPEED_STAGE_3.unsupported
     assert not Strategy.AUTO.gpu_only and not Strategy.AUTO.clips_in_optimizer and not Strategy.AUTO.planned
     assert Strategy.AUTO.resolved_for("gpu", 1, "bf16") is Strategy.SINGLE
-    assert Strategy.AUTO.resolved_for("gpu", 2, "bf16") is Strategy.DEEPSPEED_STAGE_2
+    assert Strategy.AUTO.resolved_for("gpu", 2, "bf16") is Strategy.DDP  # several GPUs: single's step, data parallel
+    ddp = Strategy.DDP
+    assert ddp.data_parallel and ddp.master_weights and ddp.supports_cuda_graph and not ddp.gpu_only
+    assert not ddp.one_gpu and not ddp.uses_deepspeed and ddp.planned
     assert Strategy.AUTO.resolved_for("gpu", 1, "fp32") is Strategy.DEEPSPEED_STAGE_2
     assert Strategy.AUTO.resolved_for("cpu", 4, "fp32") is Strategy.AUTO
     r = load_recipe("0.1b", ["train.strategy=deepspeed_stage_2_offload"])
