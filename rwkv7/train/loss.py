@@ -69,8 +69,8 @@ class CrossEntropyL2Wrap(torch.autograd.Function):
 class HeadCrossEntropyL2Wrap(torch.autograd.Function):
     """loss = CE+L2Wrap(hidden [N, C] @ weight[V, C]^T, targets), without the full logits (module docstring).
 
-    d(weight) is accumulated over chunks in fp32 (one rounding to the weight's dtype at the end, as one big matmul
-    would); d(hidden) rows are independent and written in hidden's dtype."""
+    d(weight): each chunk's product g^T h comes out of the matmul in the inputs' dtype and is summed over chunks in
+    fp32, rounded to the weight's dtype once at the end; d(hidden) rows are independent, written in hidden's dtype."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
