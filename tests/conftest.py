@@ -21,3 +21,16 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def small_binidx(tmp_path_factory):
+    """20k tokens, ids < 512 (the tiny recipe's vocab): enough for ctx_len 64. Tests only read it."""
+    import numpy as np
+
+    from rwkv7.data.binidx import write_binidx
+
+    rng = np.random.default_rng(0)
+    prefix = tmp_path_factory.mktemp("data") / "small"
+    write_binidx(prefix, [rng.integers(1, 512, 500) for _ in range(40)])
+    return prefix

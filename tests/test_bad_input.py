@@ -31,15 +31,6 @@ def no_files(path: Path) -> bool:
     return not path.exists() or not any(p.is_file() for p in path.rglob("*"))
 
 
-@pytest.fixture(scope="module")
-def small_binidx(tmp_path_factory):
-    """20k tokens, ids < 512 (the tiny recipe's vocab): enough for ctx_len 64."""
-    rng = np.random.default_rng(0)
-    prefix = tmp_path_factory.mktemp("data") / "small"
-    write_binidx(prefix, [rng.integers(1, 512, 500) for _ in range(40)])
-    return prefix
-
-
 def binidx(prefix):
     return ["data.source=binidx", f"data.path={prefix}"]
 

@@ -49,14 +49,6 @@ def finish(p, timeout=600):
     return p.returncode, out, err
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    prefix = tmp_path_factory.mktemp("data") / "small"
-    write_binidx(prefix, [rng.integers(1, 512, 500) for _ in range(40)])
-    return prefix
-
-
 # ---- 1. signals at start-up ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig,delay", [(signal.SIGINT, 0.4), (signal.SIGTERM, 1.2), (signal.SIGINT, 2.5)])
@@ -112,13 +104,13 @@ def test_interrupt_inside_an_atomic_write_removes_the_temp_file(tmp_path):
 
 # ---- 2. one run per run folder -------------------------------------------------------------------------------------
 
-def test_second_run_into_a_locked_folder_exits_2_naming_the_holder(cli, tmp_path, small_data):
+def test_second_run_into_a_locked_folder_exits_2_naming_the_holder(cli, tmp_path, small_binidx):
     from rwkv7.runlock import RunLock
 
     out = tmp_path / "run"
     holder = RunLock(out).acquire()  # flock is per open file: this process's own CLI run conflicts with it
     try:
-        line = assert_clean_error(cli("train", "--out", out, *SHORT, "--set", *binidx(small_data)),
+        line = assert_clean_error(cli("train", "--out", out, *SHORT, "--set", *binidx(small_binidx)),
                                   "in use", f"pid {os.getpid()}", socket.gethostname())
         assert "another --out" in line
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
@@ -284,10 +276,10 @@ def test_unreadable_recipe_is_exit_2(cli, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["train", "doctor", "prepare"])
-def test_unreadable_idx_is_exit_2(cli, tmp_path, monkeypatch, small_data, command):
+def test_unreadable_idx_is_exit_2(cli, tmp_path, monkeypatch, small_binidx, command):
     prefix = tmp_path / "d"
-    shutil.copy(f"{small_data}.bin", f"{prefix}.bin")
-    shutil.copy(f"{small_data}.idx", f"{prefix}.idx")
+    shutil.copy(f"{small_binidx}.bin", f"{prefix}.bin")
+    shutil.copy(f"{small_binidx}.idx", f"{prefix}.idx")
     _unreadable(monkeypatch, Path(f"{prefix}.idx"))
     args = {"train": ["train", "--out", tmp_path / "run", *SHORT, "--set", *binidx(prefix)],
             "doctor": ["doctor", "--out", tmp_path / "run", "--set", *binidx(prefix)],
