@@ -33,7 +33,7 @@ from rwkv7.data.magic import magic_prime
 from rwkv7.data.tokenizer import EOD, get_tokenizer
 from rwkv7.errors import UserError
 from rwkv7.fsutil import folder_problem
-from rwkv7.signals import add_cleanup, on_interrupt, remove_cleanup, unlink_quietly
+from rwkv7.signals import add_cleanup, die_with_parent, on_interrupt, remove_cleanup, unlink_quietly
 
 CHUNK_BYTES = 4 << 20
 SUFFIXES = (".jsonl", ".txt")
@@ -133,8 +133,15 @@ class EncodeConfig:
     backend: str | None = None
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # in pool workers: Ctrl-C is the main process's to handle
+def worker_pool(workers: int):
+    return _pool_context().Pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
+
+
+def _init_worker(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # a worker waiting for the task queue's lock, which a killed peer held, would otherwise wait forever once the
+    # main process is gone, holding its stdout open (tests/test_failures.py, pool workers never outlive)
+    die_with_parent(parent)
 
 
 def _jsonl_text(line: bytes, key: str) -> tuple[str | None, str | None]:
@@ -303,7 +310,7 @@ def _encode_all(tasks: Iterator[tuple], cfg: EncodeConfig, workers: int, collect
         for task in tasks:
             collect(task, encode_task(cfg, task))
         return
-    pool = _pool_context().Pool(workers, initializer=_ignore_sigint)
+    pool = worker_pool(workers)
 
     def kill_workers():  # runs in the signal handler before the process exits (rwkv7.signals)
         for proc in getattr(pool, "_pool", None) or []:
