@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from rwkv7.data.binidx import DTYPE_CODES, write_binidx
+from tests import tinyrun
 from tests.test_bad_input import assert_clean_error, binidx, no_files
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT = ["--set", "train.epoch_steps=5", "train.epoch_count=4", "train.epoch_save=1", "--no-progress", "--no-check"]
+SHORT = [*tinyrun.SHORT, "--no-check"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 ZIP_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 2048"
 
@@ -123,8 +124,12 @@ def test_two_concurrent_trainings_into_one_folder(tmp_path):
     """Both used to succeed and every log line ended up twice."""
     out = tmp_path / "run"
     first = start(train_cmd(out))
-    wait_for(first, "HPU available")
-    code, stdout, stderr = finish(start(train_cmd(out)))
+    wait_for(first, "HPU available")  # it holds the lock now; stopped, it keeps holding it while the second starts
+    first.send_signal(signal.SIGSTOP)
+    try:
+        code, stdout, stderr = finish(start(train_cmd(out)))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert code == 2 and f"pid {first.pid}" in stderr and "Traceback" not in stderr, stderr
     code, stdout, stderr = finish(first)
     assert code == 0, stderr[-2000:]
@@ -226,9 +231,11 @@ def small_fs(tmp_path):
 
 def test_real_small_filesystem_fills_mid_run_then_resumes_after_freeing_space(small_fs):
     """14 MiB: the run starts (one checkpoint fits), a later full checkpoint does not. Exit 2 with one line, the
-    newest complete checkpoint kept, no temp files; after the filesystem grows, the same command resumes."""
+    newest complete checkpoint kept, no temp files; after the filesystem grows, the same command resumes.
+    The model is tiny's own size (the size the 14 MiB were chosen for), not the smaller one of tinyrun."""
     out = small_fs / "run"
-    code, stdout, stderr = finish(start(train_cmd(out)))
+    full_size = ["--set", "model.n_embd=128"]
+    code, stdout, stderr = finish(start(train_cmd(out, *full_size)))
     assert code == 2, (stdout[-2000:], stderr[-2000:])
     errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1 and errors[0].startswith("error:") and "Traceback" not in stderr, stderr
@@ -236,7 +243,7 @@ def test_real_small_filesystem_fills_mid_run_then_resumes_after_freeing_space(sm
     kept = [d.name for d in (out / "ckpt").iterdir()]
     assert kept and all(d.startswith("step-") for d in kept) and not list(out.rglob("*.tmp"))
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
-    code, stdout, stderr = finish(start(train_cmd(out)))
+    code, stdout, stderr = finish(start(train_cmd(out, *full_size)))
     assert code == 0 and "resuming" in stdout, stderr[-2000:]
     assert (out / "rwkv-final.pth").is_file()
 
@@ -343,6 +350,45 @@ def test_sigterm_during_prepare_exits_130_and_leaves_no_temp_files(tmp_path, gro
     assert code == 130, (code, stderr[-3000:])
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+@pytest.mark.parametrize("dead_worker", [0, 1])
+def test_prepare_pool_workers_never_outlive_their_parent(dead_worker):
+    """Was: after SIGTERM to the process group, now and then one tokenizer worker lived on, keeping the parent's
+    stdout open, so the caller of `prepare` waited forever. An idle pool's two workers wait on its task queue: one
+    holds the queue's lock and reads the pipe, the other waits for the lock. When the holder dies, the lock is never
+    released; when the parent dies too, the reader would see the pipe's end, but the waiter never gets that far.
+    Killing each worker in turn, then the parent (SIGKILL, no cleanup), leaves that waiter in one of the two cases."""
+    code = f"""if True:
+        import os, signal, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from rwkv7.data import prepare
+        pool = prepare.worker_pool(2)
+        time.sleep(1.0)  # both workers are waiting on the task queue
+        pids = [p.pid for p in pool._pool]
+        print(" ".join(map(str, pids)), flush=True)
+        os.kill(pids[{dead_worker}], signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in p.stdout.readline().split()]
+    assert p.wait(timeout=60) == -signal.SIGKILL and len(workers) == 2
+    p.stdout.close()  # (a worker that lives on holds this pipe open: reading it to the end would wait forever)
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their parent"
 
 
 # ---- 7. resource limits --------------------------------------------------------------------------------------------

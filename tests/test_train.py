@@ -11,22 +11,7 @@ import torch
 
 from rwkv7.trajectory import parse_log
 
-ROOT = Path(__file__).resolve().parent.parent
-# a short tiny run: 4 mini-epochs of 5 steps, checkpoint every mini-epoch
-SHORT = ["--set", "train.epoch_steps=5", "train.epoch_count=4", "train.epoch_save=1", "--no-progress"]
-
-
-def train_cmd(out, *extra):
-    return [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "tiny", "--out", str(out), *SHORT,
-            *extra]
-
-
-def run_train(out, *extra, env=None, check=True):
-    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    p = subprocess.run(train_cmd(out, *extra), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+from tests.tinyrun import ROOT, SHORT, SMALLER, run_train, train_cmd
 
 
 def losses(out):
@@ -66,7 +51,7 @@ def test_run_ending_mid_mini_epoch_is_finished_on_rerun(tmp_path):
     """The official stop (my_exit_tokens) rarely falls on a mini-epoch boundary: the last step is checkpointed too,
     so running the same command again finds nothing to do instead of retraining from the last boundary."""
     out = tmp_path / "run"
-    args = ["--no-check", "--set", "train.epoch_count=0", "data.my_exit_tokens=11000"]  # 22 steps of 512 tokens
+    args = ["--no-check", "--set", "train.epoch_count=0", "data.my_exit_tokens=5632"]  # 22 steps of 256 tokens
     run_train(out, *args)
     assert len(json.loads((out / "run.json").read_text())) and sorted(losses(out)) == [0, 1, 2, 3]
     before = (out / "train_log.txt").read_text()
@@ -367,7 +352,7 @@ def test_each_parameter_group_trained_with_its_official_lr(reference_run):
     from rwkv7.recipe import load_recipe
     from rwkv7.train.schedule import learning_rate
 
-    recipe = load_recipe("tiny")
+    recipe = load_recipe("tiny", SMALLER)
     meta = json.loads((reference_run / "run.json").read_text())
     lr = learning_rate(19, recipe.train.lr_init, recipe.train.lr_final, recipe.train.warmup_steps,
                        recipe.tokens_per_step, meta["my_exit_tokens"])  # step 20 ran with the lr of 19 steps done
