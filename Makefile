@@ -25,8 +25,11 @@ train: setup
 	$(BIN)/python entrypoint.py train --recipe $(RECIPE) $(if $(DEVICES),--set train.devices=$(DEVICES)) \
 		$(if $(NODES),--set train.num_nodes=$(NODES)) $(ARGS)
 
+# TEST_JOBS pytest processes (pytest-xdist; 0: one process). Whole files go to a worker, so that the tests of a file
+# share its module fixtures (test_train's reference run, test_data_parallel's 1/2/4-process runs).
+TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 # Regenerate recipes/expected/tiny.log from a fresh CPU run (and record the environment it was made on).
 golden: setup

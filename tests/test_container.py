@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import zygote
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
@@ -151,9 +153,9 @@ def test_compose_config_validates(files):
 def test_entrypoint_warns_when_kernel_skipped(tmp_path):
     env = dict(os.environ, RWKV7_KERNEL_DIR=str(tmp_path))
     cmd = [sys.executable, str(ROOT / "entrypoint.py"), "recipes"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    r = zygote.run(cmd, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0 and "KERNEL_SKIPPED" not in r.stderr and "SKIP_KERNEL" not in r.stderr
     (tmp_path / "KERNEL_SKIPPED").write_text("built with SKIP_KERNEL=1: no ahead-of-time wkv7 kernel\n")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    r = zygote.run(cmd, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "warning: built with SKIP_KERNEL=1" in r.stderr

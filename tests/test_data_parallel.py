@@ -5,12 +5,14 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import zygote
+
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 3  # odd: shards end inside parameters, the last one is padded
@@ -120,7 +122,7 @@ def train(out, ranks: int, fault: str | None = None, check: bool = True):
         env["RWKV7_TEST_FAULT"] = fault
     cmd = [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "tiny", "--out", str(out), "--no-check",
            "--no-progress", *DDP, f"train.devices={ranks}", f"train.micro_bsz={GLOBAL_BATCH // ranks}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = zygote.run(cmd, cwd=ROOT, env=env)  # rank 0 forked ready-imported; Lightning starts the other ranks
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

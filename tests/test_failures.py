@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rwkv7.data.binidx import DTYPE_CODES, write_binidx
-from tests import tinyrun
+from tests import tinyrun, zygote
 from tests.test_bad_input import assert_clean_error, binidx, no_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +31,11 @@ def train_cmd(out, *extra):
             *extra]
 
 
-def start(cmd):
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(cmd, fresh_interpreter=False):
+    """A training process forked from the test zygote, or (fresh_interpreter) one that starts Python itself."""
+    if fresh_interpreter:
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return zygote.Run(cmd, cwd=ROOT, env=ENV)
 
 
 def wait_for(p, text, timeout=300):
@@ -56,7 +59,7 @@ def finish(p, timeout=600):
 def test_signal_during_startup_exits_130_without_traceback(tmp_path, sig, delay):
     """While the CLI imports and sets up: 130 and one line (was: a KeyboardInterrupt traceback, or 143 silently)."""
     out = tmp_path / "run"
-    p = start(train_cmd(out))
+    p = start(train_cmd(out), fresh_interpreter=True)  # a signal while Python imports
     time.sleep(delay)
     p.send_signal(sig)
     code, stdout, stderr = finish(p)
@@ -78,7 +81,7 @@ def test_signal_after_lightning_starts_never_writes_an_untrained_final_model(tmp
     assert code == 130, (code, stdout[-2000:], stderr[-2000:])
     assert "Traceback" not in stdout + stderr and "Detected KeyboardInterrupt" not in stdout + stderr
     assert not (out / "rwkv-final.pth").exists()
-    p = subprocess.run(train_cmd(out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    p = zygote.run(train_cmd(out), cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     final = torch.load(out / "rwkv-final.pth", weights_only=True)
     init = torch.load(out / "rwkv-init.pth", weights_only=True)

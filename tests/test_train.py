@@ -11,7 +11,9 @@ import torch
 
 from rwkv7.trajectory import parse_log
 
+from tests import zygote
 from tests.tinyrun import ROOT, SHORT, SMALLER, run_train, train_cmd
+
 
 
 def losses(out):
@@ -303,8 +305,7 @@ def test_sigint_from_outside_stops_cleanly_with_130_and_resumes_exactly(referenc
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(out, "--no-check"), cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = zygote.Run(train_cmd(out, "--no-check"), cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
     log = out / "train_log.txt"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not (
