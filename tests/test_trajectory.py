@@ -315,6 +315,60 @@ def test_loss_png_is_a_valid_png_and_no_plot_skips_it(tmp_path, run_cli):
     assert rc == 0 and (other / "check.json").exists() and not (other / "loss.png").exists()
 
 
+def test_loss_png_draws_the_runs_the_band_the_failures_and_the_lr(tmp_path, monkeypatch):
+    """What loss.png shows, read off the figure before it is closed: both loss curves with their data, the band
+    expected +/- limit, a red x on each finite failed epoch, a red line at each non-finite one, both lr curves on a
+    second axis from 0, the verdict's head as the title (red on FAIL)."""
+    import matplotlib.pyplot as plt
+
+    from rwkv7.trajectory import plot_check
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    def rec(epoch, loss, lr):
+        return EpochRecord(epoch, loss, math.exp(min(loss, 50)), lr, "2026-01-02 03:04:05", epoch)
+
+    expected = [rec(e, v, 1e-3 * (e + 1)) for e, v in enumerate([4.0, 3.5, 3.2, 3.0])]
+    actual = [rec(0, 4.01, 1e-3), rec(1, 3.9, 2e-3), rec(2, math.nan, 3e-3)]
+    result = check_trajectory({r.epoch: r.loss for r in actual}, {r.epoch: r.loss for r in expected}, 0.05)
+    path = tmp_path / "loss.png"
+    plot_check(result, actual, expected, str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    ax, ax2 = fig.axes
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["expected loss"].get_xdata()) == [0, 1, 2, 3]
+    assert list(lines["expected loss"].get_ydata()) == [4.0, 3.5, 3.2, 3.0]
+    assert list(lines["actual loss"].get_xdata()) == [0, 1, 2]
+    assert list(lines["actual loss"].get_ydata())[:2] == [4.01, 3.9] and math.isnan(lines["actual loss"].get_ydata()[2])
+    assert list(lines["outside tolerance"].get_xdata()) == [1] and list(lines["outside tolerance"].get_ydata()) == [3.9]
+    assert list(lines["non-finite loss"].get_xdata()) == [2, 2]  # a vertical line at epoch 2
+    (band,) = ax.collections
+    ys = sorted({round(float(y), 6) for y in band.get_paths()[0].vertices[:, 1]})
+    assert {3.95, 4.05, 2.95, 3.05} <= set(ys)  # expected +/- 0.05 at both ends
+    lr = {ln.get_label(): ln for ln in ax2.get_lines()}
+    assert list(lr["expected lr (right axis)"].get_ydata()) == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3])
+    assert list(lr["actual lr (right axis)"].get_xdata()) == [0, 1, 2]
+    assert ax2.get_ylim()[0] == 0 and ax2.get_ylim()[1] == pytest.approx(4e-3 * 1.08)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["tolerance band", "expected loss", "actual loss"] and "actual lr (right axis)" in legend
+    assert fig._suptitle.get_text() == "FAIL" and fig._suptitle.get_color() == "red"
+    assert ax.get_title().startswith("non-finite loss at epoch(s) 2")
+    assert ax.get_zorder() > ax2.get_zorder()  # the loss curves are drawn over the lr lines
+
+
+def test_failed_epochs_are_named_as_ranges():
+    from rwkv7.trajectory import _ranges
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert _ranges([3]) == "3" and _ranges([]) == ""
+    assert _ranges([1, 3, 4, 5, 6, 9]) == "1,3-6,9"
+    exp = {e: 3.0 for e in range(10)}
+    act = {**exp, 0: math.nan, 1: math.inf, 2: math.nan, 6: math.nan}
+    assert check_trajectory(act, exp, 0.05).verdict.startswith("FAIL: non-finite loss at epoch(s) 0-2,6 (6/10")
+
+
 def test_run_check_api_returns_exit_code(tmp_path, capsys):
     log = write_log(tmp_path / "train_log.txt", official({0: 0.5}))
     assert run_check(log, EXPECTED_01B, 0.05, plot=False) == 1
