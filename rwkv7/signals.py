@@ -91,13 +91,15 @@ def unlink_quietly(*paths) -> None:
 
 
 def die_with_parent(parent: int) -> None:
-    """Call first thing in a forked worker: the kernel sends it SIGKILL when its parent ends, however it ends (Linux;
-    elsewhere nothing changes). If the parent ended before this call, the worker ends now."""
+    """Call first thing in a forked worker: the kernel sends it SIGKILL when the thread that forked it ends (for a
+    process forked by its main thread: when the parent process ends, however it ends). Linux only; elsewhere, or if
+    the kernel refuses, nothing changes. If the parent ended before this call, the worker ends now."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1  # <linux/prctl.h>
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
         if os.getppid() != parent:
             os._exit(128 + signal.SIGKILL)
 

@@ -305,7 +305,10 @@ def test_sigint_from_outside_stops_cleanly_with_130_and_resumes_exactly(referenc
     import time
 
     out = tmp_path / "run"
-    proc = zygote.Run(train_cmd(out, "--no-check"), cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+    # a long validation after mini-epochs 1 and 2 (train losses unchanged) keeps the run going for seconds after
+    # mini-epoch 0's line: the signal lands mid-run even when this test process is slow to notice that line
+    slow_val = ["--set", "data.val_tokens=16384"]
+    proc = zygote.Run(train_cmd(out, "--no-check", *slow_val), cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
     log = out / "train_log.txt"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not (
@@ -317,7 +320,7 @@ def test_sigint_from_outside_stops_cleanly_with_130_and_resumes_exactly(referenc
     assert "stopped by a signal" in stdout and "Traceback" not in stderr
     stopped_at = int(stdout.split("stopped by a signal at step ")[1].split(";")[0])
     assert 5 < stopped_at < 20 and ckpt_steps(out)[-1] == stopped_at
-    p = run_train(out, "--no-check")
+    p = run_train(out, "--no-check", *slow_val)
     assert "resuming" in p.stdout
     assert_same_run_as_reference(out, reference_run)
 

@@ -4,9 +4,10 @@ A zygote process imports the training stack once, then forks a fresh process for
 run is a real process of its own: its own pid (a test sends it SIGKILL, SIGTERM or SIGINT), its own exit status (a
 signal's death is -signum, as with subprocess), stdout and stderr on pipes, and it executes entrypoint.py as
 `__main__` with the test's argv, environment and working directory. What differs from a fresh interpreter is only
-what happened before the fork: the imports (and what they read from the environment at import time: nothing of
-ours). Tests of start-up itself (a signal while Python imports, the exit of the interpreter) keep using real
-subprocesses.
+what happened before the fork, and the very end: the imports (and what they read from the environment at import
+time: nothing of ours; warnings they raised are not raised again), and at exit atexit handlers run but the
+interpreter's finalization does not (non-daemon threads are not joined). Tests of start-up or exit themselves (a
+signal while Python imports, a crash at interpreter exit, the warnings `make train` prints) use real subprocesses.
 
     p = zygote.run([sys.executable, "entrypoint.py", "train", ...], cwd=ROOT, env=env)    # like subprocess.run
     p = zygote.Run(cmd, cwd=ROOT, env=env); p.send_signal(...); out, err = p.communicate()  # like Popen
@@ -17,7 +18,9 @@ then its exit status; the test side's `Run` reads both. One zygote per pytest pr
 from __future__ import annotations
 
 import atexit
+import io
 import json
+import shutil
 import os
 import signal
 import socket
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,15 +37,14 @@ PRELOAD = ("rwkv7.cli", "rwkv7.commands.train", "rwkv7.train.run", "rwkv7.trajec
 
 # ---- the zygote ---------------------------------------------------------------------------------------------------
 
-def serve(path: str) -> None:
+def serve(path: str, parent: int) -> None:
     import importlib
 
-    sys.path.insert(0, str(ROOT))
+    sys.path[0] = str(ROOT)  # not tests/: the runs see the path `python entrypoint.py` would
+    from rwkv7 import quiet
     from rwkv7.signals import die_with_parent
 
-    from rwkv7 import quiet
-
-    die_with_parent(os.getppid())  # the zygote ends with the pytest process that started it
+    die_with_parent(parent)  # the zygote ends with the pytest process that started it
     quiet.install()  # as the CLI does before the libraries load: their notices stay silent here too
     for name in PRELOAD:
         importlib.import_module(name)
@@ -75,23 +78,31 @@ def _waiter(conn: socket.socket, request: dict, fds: list[int]) -> None:
     os._exit(0)
 
 
+def _fresh_stdio(unbuffered: bool) -> None:
+    """stdout/stderr on fds 1/2 as a new interpreter opens them on pipes: stdout block-buffered unless
+    PYTHONUNBUFFERED, stderr written through."""
+    raw = io.FileIO(1, "w", closefd=False)
+    sys.stdout = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding="utf-8",
+                                  write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                  write_through=True)
+
+
 def _run(request: dict, fds: list[int]) -> None:
     import runpy
     import traceback
 
     code = 1
     try:
-        if request["new_session"]:
-            os.setsid()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        if os.environ.get("PYTHONUNBUFFERED"):
-            sys.stdout.reconfigure(write_through=True)
+        _fresh_stdio(unbuffered=bool(os.environ.get("PYTHONUNBUFFERED")))
         sys.argv = list(request["argv"])
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python SCRIPT` sets it
         runpy.run_path(sys.argv[0], run_name="__main__")
         code = 0
     except SystemExit as e:
@@ -118,9 +129,11 @@ def _socket_path() -> str:
         folder = tempfile.mkdtemp(prefix="r7z")
         path = os.path.join(folder, "s")
         env = {**os.environ, "WANDB_MODE": "disabled"}
-        proc = subprocess.Popen([sys.executable, __file__, path], stdout=subprocess.PIPE, env=env, text=True)
+        proc = subprocess.Popen([sys.executable, __file__, path, str(os.getpid())], stdout=subprocess.PIPE, env=env,
+                                text=True)
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the test zygote did not start")
+        atexit.register(shutil.rmtree, folder, True)
         atexit.register(proc.kill)
         _zygote.update(proc=proc, path=path)
     return _zygote["path"]
@@ -128,37 +141,46 @@ def _socket_path() -> str:
 
 class Run:
     """The part of subprocess.Popen the tests use: pid, send_signal, poll, wait, communicate, stdout/stderr.
-    `cmd` is a subprocess command line: the interpreter, then entrypoint.py and its arguments."""
+    `cmd` is a subprocess command line: the interpreter, then a script and its arguments."""
 
-    def __init__(self, cmd: list, cwd, env: dict, new_session: bool = False):
+    def __init__(self, cmd: list, cwd, env: dict):
         assert cmd[0] == sys.executable and str(cmd[1]).endswith(".py"), cmd
+        self.args, self.returncode = cmd, None
+        self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._ctl.connect(_socket_path())
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         stdin = os.open(os.devnull, os.O_RDONLY)
-        self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._ctl.connect(_socket_path())
-        request = {"argv": [str(a) for a in cmd[1:]], "cwd": str(cwd), "env": dict(env), "new_session": new_session}
-        socket.send_fds(self._ctl, [json.dumps(request).encode()], [stdin, out_w, err_w])
-        for fd in (stdin, out_w, err_w):
-            os.close(fd)
-        self.args = cmd
+        try:
+            request = {"argv": [str(a) for a in cmd[1:]], "cwd": str(cwd), "env": dict(env)}
+            socket.send_fds(self._ctl, [json.dumps(request).encode()], [stdin, out_w, err_w])
+        finally:
+            for fd in (stdin, out_w, err_w):  # the run holds the only write ends now
+                os.close(fd)
         self.stdout = open(out_r, encoding="utf-8", errors="replace")
         self.stderr = open(err_r, encoding="utf-8", errors="replace")
-        self.pid = int(self._ctl.recv(64).split()[1])
-        self.returncode: int | None = None
+        self.pid = int(self._status("pid"))
+
+    def _status(self, kind: str) -> str:
+        message = self._ctl.recv(64).decode().split()
+        if len(message) != 2 or message[0] != kind:
+            raise RuntimeError(f"the test zygote's waiter ended without reporting the run's {kind}")
+        return message[1]
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, sig)
+        if self.poll() is None:  # the waiter reaps an ended run at once: its pid may no longer be ours
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             self._ctl.settimeout(timeout)
             try:
-                message = self._ctl.recv(64)
+                self.returncode = int(self._status("exit"))
             except TimeoutError:
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
-            self.returncode = int(message.split()[1])
             self._ctl.close()
         return self.returncode
 
@@ -168,20 +190,27 @@ class Run:
         except subprocess.TimeoutExpired:
             return None
 
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        """Both streams to their end, read side by side (neither pipe fills), then the exit status."""
+        """Both streams to their end, read side by side (neither pipe fills), then the exit status; past the
+        timeout the run is killed and TimeoutExpired raised, as subprocess.run does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         texts: dict = {}
         readers = [threading.Thread(target=lambda n=n, f=f: texts.__setitem__(n, f.read()), daemon=True)
                    for n, f in (("out", self.stdout), ("err", self.stderr))]
         for r in readers:
             r.start()
-        for r in readers:
-            r.join(timeout)
-            if r.is_alive():
-                raise subprocess.TimeoutExpired(self.args, timeout)
-        self.stdout.close()
-        self.stderr.close()
-        self.wait(timeout)
+        try:
+            for r in readers:
+                r.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+                if r.is_alive():
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+            self.wait(None if deadline is None else max(deadline - time.monotonic(), 0.001))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
         return texts["out"], texts["err"]
 
 
@@ -193,4 +222,4 @@ def run(cmd: list, cwd, env: dict, timeout: float = 600) -> subprocess.Completed
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,72 @@
+"""`rwkv7 init`'s parameter table: every row's init rule, optimizer group, lr scale, weight decay and count, written
+out by hand from the official rules (official-rwkv7-trainer.md §2 init, §3.1 groups, §3.3 lr scales), for a 2-layer
+model with a vocabulary larger than its width (so the head's gain 0.5*sqrt(V/C) is not 0.5)."""
+import pytest
+
+from rwkv7.init import parameter_table
+from rwkv7.model import ModelShape, RWKV7
+
+C, V, LORA_W, LORA_G, WD = 128, 2048, 32, 64, 0.001
+
+# local name -> (shape, init rule as the table prints it, optimizer group)
+BLOCK = {
+    "ln1.weight": ((C,), "1", "lr_1x"), "ln1.bias": ((C,), "0", "lr_1x"),
+    "ln2.weight": ((C,), "1", "lr_1x"), "ln2.bias": ((C,), "0", "lr_1x"),
+    "att.x_r": ((1, 1, C), "1-ddd^(0.2*r1)", "lr_1x"), "att.x_w": ((1, 1, C), "1-ddd^(0.9*r1)", "lr_1x"),
+    "att.x_k": ((1, 1, C), "1-ddd^(0.7*r1)", "lr_1x"), "att.x_v": ((1, 1, C), "1-ddd^(0.7*r1)", "lr_1x"),
+    "att.x_a": ((1, 1, C), "1-ddd^(0.9*r1)", "lr_1x"), "att.x_g": ((1, 1, C), "1-ddd^(0.2*r1)", "lr_1x"),
+    "att.w1": ((C, LORA_W), "0", "lr_1x"), "att.w2": ((LORA_W, C), "orthogonal(0.1)", "lr_1x"),
+    "att.w0": ((1, 1, C), "www+0.5+2.5*zigzag", "lr_2x"),
+    "att.a1": ((C, LORA_W), "0", "lr_1x"), "att.a2": ((LORA_W, C), "orthogonal(0.1)", "lr_1x"),
+    "att.a0": ((1, 1, C), "-0.19+0.3*zigzag+0.4*linear", "lr_1x"),
+    "att.v1": ((C, LORA_W), "0", "lr_1x"), "att.v2": ((LORA_W, C), "orthogonal(0.1)", "lr_1x"),
+    "att.v0": ((1, 1, C), "0.73-0.4*linear", "lr_1x"),
+    "att.g1": ((C, LORA_G), "0", "lr_1x"), "att.g2": ((LORA_G, C), "orthogonal(0.1)", "lr_1x"),
+    "att.k_k": ((1, 1, C), "0.71-0.1*linear", "lr_1x"), "att.k_a": ((1, 1, C), "1.02", "lr_1x"),
+    "att.r_k": ((2, 64), "-0.04", "lr_1x"),
+    "att.receptance.weight": ((C, C), "orthogonal(1)", "lr_decay"),
+    "att.key.weight": ((C, C), "orthogonal(0.1)", "lr_decay"),
+    "att.value.weight": ((C, C), "orthogonal(1)", "lr_decay"),
+    "att.output.weight": ((C, C), "0", "lr_decay"),
+    "att.ln_x.weight": ((C,), "((l+1)/L)^0.7", "lr_1x"), "att.ln_x.bias": ((C,), "0", "lr_1x"),
+    "ffn.x_k": ((1, 1, C), "1-ddd^(r1^4)", "lr_1x"),
+    "ffn.key.weight": ((4 * C, C), "orthogonal(1)", "lr_decay"),
+    "ffn.value.weight": ((C, 4 * C), "0", "lr_decay"),
+}
+LAYER0_ONLY = {"ln0.weight": ((C,), "1", "lr_1x"), "ln0.bias": ((C,), "0", "lr_1x")}
+OUTSIDE = {"emb.weight": ((V, C), "U(±0.0001)", "lr_decay"), "ln_out.weight": ((C,), "1", "lr_1x"),
+           "ln_out.bias": ((C,), "0", "lr_1x"), "head.weight": ((V, C), "orthogonal(2)", "lr_decay")}
+
+
+def expected_rows(weight_decay: float) -> dict:
+    spec = {"emb.weight": OUTSIDE["emb.weight"]}
+    for layer in range(2):
+        for local, row in ({**BLOCK, **LAYER0_ONLY} if layer == 0 else BLOCK).items():
+            spec[f"blocks.{layer}.{local}"] = row
+    spec.update({k: v for k, v in OUTSIDE.items() if k != "emb.weight"})
+    rows = {}
+    for name, (shape, rule, group) in spec.items():
+        if group == "lr_decay" and weight_decay == 0:
+            group = "lr_1x"  # no decay group at all when wd is 0 (official configure_optimizers)
+        count = 1
+        for d in shape:
+            count *= d
+        rows[name] = {"shape": shape, "init": rule, "group": group, "lr_scale": 2.0 if group == "lr_2x" else 1.0,
+                      "wd": weight_decay if group == "lr_decay" else 0.0, "count": count}
+    return rows
+
+
+@pytest.mark.parametrize("weight_decay", [WD, 0.0])
+def test_every_row_of_the_parameter_table(weight_decay):
+    table = parameter_table(RWKV7(ModelShape(2, C, V, 64)), weight_decay)
+    got = {row["name"]: {k: v for k, v in row.items() if k != "name"} for row in table}
+    want = expected_rows(weight_decay)
+    assert len(got) == len(table)  # one row per parameter, no name twice
+    assert set(got) == set(want), (set(got) ^ set(want))
+    for name in want:
+        assert got[name] == want[name], name
+
+
+def test_head_gain_is_one_half_when_the_vocabulary_is_not_wider_than_the_model():
+    rows = {r["name"]: r for r in parameter_table(RWKV7(ModelShape(1, 128, 96, 64)), WD)}
+    assert rows["head.weight"]["init"] == "orthogonal(0.5)"
