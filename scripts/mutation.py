@@ -58,6 +58,9 @@ def write_config(dest: Path, modules: list[str], tests: list[str], keyword: str 
                                     f"pytest_add_cli_args ={block(pytest_args)}\n"
                                     f"also_copy ={block(['recipes', 'kernels', 'entrypoint.py', 'tests'])}\n"
                                     f"do_not_mutate_patterns ={block(DISPLAY_ONLY)}\n"
+                                    # mutants run in processes forked from a server that never ran a test: forked
+                                    # after torch's OpenMP pool has started, a child hangs in its first parallel op
+                                    "process_isolation = forkserver\n"
                                     # a mutant slower than 8x (the tests' own time + 5 s) counts as a timeout
                                     "timeout_multiplier = 4.0\ntimeout_constant = 5.0\n")
 
@@ -102,7 +105,7 @@ def main() -> int:
     if not (dest / "rwkv7").is_dir():
         scratch_copy(dest, args.rev)
     write_config(dest, args.modules, args.tests, args.keyword)
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": ""}
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
     with open(dest / "mutmut-run.log", "w") as log:
         subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=dest,
                        env=env, stdout=log, stderr=subprocess.STDOUT)

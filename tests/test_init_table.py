@@ -70,3 +70,25 @@ def test_every_row_of_the_parameter_table(weight_decay):
 def test_head_gain_is_one_half_when_the_vocabulary_is_not_wider_than_the_model():
     rows = {r["name"]: r for r in parameter_table(RWKV7(ModelShape(1, 128, 96, 64)), WD)}
     assert rows["head.weight"]["init"] == "orthogonal(0.5)"
+
+
+def test_channel_vectors_of_a_middle_layer_follow_the_official_formulas():
+    """Layers 0 and L-1 (the reference's test vectors, test_alignment.py) have ratios 0 and 1, where several exponents
+    cannot show; layer 5 of 12 has neither. Each formula of official-rwkv7-trainer.md §2, in plain Python floats."""
+    from rwkv7.init import channel_vectors
+
+    C, N, layer, L = 768, 64, 5, 12
+    r01, r1 = layer / (L - 1), 1 - layer / L
+    got = channel_vectors(C, N, layer, L)
+    for n in (0, 1, 63, 64, 383, 500, 767):
+        ddd, linear = n / C, n / (C - 1) - 0.5
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = z * abs(z)
+        www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
+        want = {"att.w0": www + 0.5 + zigzag * 2.5, "att.a0": -0.19 + zigzag * 0.3 + linear * 0.4,
+                "att.v0": 0.73 - linear * 0.4, "att.k_k": 0.71 - linear * 0.1, "ffn.x_k": 1 - ddd ** (r1 ** 4),
+                "att.ln_x.weight": ((1 + layer) / L) ** 0.7, "att.k_a": 1.02, "att.r_k": -0.04, "att.ln_x.bias": 0.0}
+        for name, e in {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}.items():
+            want[f"att.{name}"] = 1 - ddd ** (e * r1)
+        for name, value in want.items():
+            assert float(got[name][n]) == pytest.approx(value, rel=1e-12, abs=1e-12), (name, n)
