@@ -2,6 +2,7 @@
 out by hand from the official rules (official-rwkv7-trainer.md §2 init, §3.1 groups, §3.3 lr scales), for a 2-layer
 model with a vocabulary larger than its width (so the head's gain 0.5*sqrt(V/C) is not 0.5)."""
 import pytest
+import torch
 
 from rwkv7.init import parameter_table
 from rwkv7.model import ModelShape, RWKV7
@@ -68,7 +69,7 @@ def test_every_row_of_the_parameter_table(weight_decay):
 
 
 def test_head_gain_is_one_half_when_the_vocabulary_is_not_wider_than_the_model():
-    rows = {r["name"]: r for r in parameter_table(RWKV7(ModelShape(1, 128, 96, 64)), WD)}
+    rows = {r["name"]: r for r in parameter_table(RWKV7(ModelShape(2, 128, 96, 64)), WD)}
     assert rows["head.weight"]["init"] == "orthogonal(0.5)"
 
 
@@ -92,3 +93,20 @@ def test_channel_vectors_of_a_middle_layer_follow_the_official_formulas():
             want[f"att.{name}"] = 1 - ddd ** (e * r1)
         for name, value in want.items():
             assert float(got[name][n]) == pytest.approx(value, rel=1e-12, abs=1e-12), (name, n)
+    assert all(v.dtype == torch.float64 for v in got.values())  # computed in float64, rounded once when stored
+
+
+def test_init_does_not_depend_on_the_default_dtype():
+    """Matrices are drawn in float32 whatever torch's default dtype: a program that sets float64 as the default gets
+    the same initial weights."""
+    from rwkv7.init import init_model
+
+    shape = ModelShape(2, 64, 97, 64)  # n_layer >= 2: the recipe check refuses 1 (the official init divides by L-1)
+    ref = init_model(RWKV7(shape), seed=3).state_dict()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = init_model(RWKV7(shape).float(), seed=3).state_dict()
+    finally:
+        torch.set_default_dtype(old)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
