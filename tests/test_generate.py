@@ -274,3 +274,23 @@ def test_checkpoint_with_other_lora_ranks_loads(tmp_path):
     assert loaded.blocks[1].att.g1.shape == (128, 96)
     idx = torch.randint(0, 300, (1, 8))
     assert torch.equal(loaded(idx), model.eval()(idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_state_layout_dtypes_and_device(dtype):
+    """Per layer ((last x of time mixing, wkv state), last x of channel mixing): the x's in the model's dtype, the
+    wkv state [B, H, N, N] in fp32 whatever the model's dtype, all zeros, on the model's device unless one is given."""
+    from rwkv7.model import ModelShape, RWKV7
+
+    model = RWKV7(ModelShape(n_layer=2, n_embd=128, vocab_size=97, head_size=64)).to(dtype)
+    state = model.zero_state(3)
+    assert len(state) == 2
+    for (att_x, wkv), ffn_x in state:
+        assert att_x.shape == ffn_x.shape == (3, 128) and att_x.dtype == ffn_x.dtype == dtype
+        assert wkv.shape == (3, 2, 64, 64) and wkv.dtype == torch.float32
+        assert not att_x.any() and not wkv.any() and not ffn_x.any()
+        assert att_x.device.type == wkv.device.type == ffn_x.device.type == "cpu"
+    on_meta = model.to("meta").zero_state(1)
+    assert all(t.device.type == "meta" for (a, w), f in on_meta for t in (a, w, f))  # the model's device
+    given = model.zero_state(1, device="cpu")
+    assert all(t.device.type == "cpu" for (a, w), f in given for t in (a, w, f))
