@@ -600,3 +600,15 @@ def test_load_plain_state_of_a_missing_or_corrupt_file(tmp_path):
         ckpt.load_plain_state(tmp_path)
     assert message(e) == (f"checkpoint {tmp_path}/state.pt is unreadable ({type(raw.value).__name__}): delete that "
                           "folder to resume from an older one")
+
+
+def test_architecture_is_read_off_the_state_dict():
+    """Head size and LoRA ranks come from the tensors' shapes: a head size other than 64 and non-formula ranks
+    survive a save and load."""
+    from rwkv7.model import shape_from_state_dict
+
+    shape = ModelShape(n_layer=2, n_embd=64, vocab_size=97, head_size=32, lora=(16, 16, 32, 48))
+    got = shape_from_state_dict(RWKV7(shape).state_dict())
+    assert got == shape
+    default = ModelShape(n_layer=3, n_embd=128, vocab_size=50)
+    assert shape_from_state_dict(RWKV7(default).state_dict()) == default  # formula ranks: lora None

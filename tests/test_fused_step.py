@@ -117,3 +117,18 @@ def test_wkv_recompute_in_backward_gives_identical_gradients():
         results.append([y] + [t.grad for t in leaves])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad_cp,training,runs", [(True, True, 2), (False, True, 1), (True, False, 1)])
+def test_grad_cp_reruns_each_block_in_the_backward_only_when_training(grad_cp, training, runs):
+    """Activation checkpointing (grad_cp 1): each block's forward runs again in the backward instead of keeping its
+    activations; in eval mode there is nothing to keep, and blocks run once."""
+    model = make_model(n_layer=2, n_embd=64, grad_cp=grad_cp)
+    model.train(training)
+    calls = []
+    for block in model.blocks:
+        # a pre-hook: the recomputation stops early, once the saved tensors are back, so a post-hook may not run
+        block.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+    x, y = batch(256, 2, 16, "cpu")
+    training_loss(model, x, y).backward()
+    assert len(calls) == runs * len(model.blocks)
