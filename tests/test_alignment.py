@@ -599,12 +599,15 @@ def test_fused_loss_chunks_and_logit_reuse_give_the_same_gradient():
     assert torch.allclose(grads[0].float(), ref, atol=2e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_fused_loss_equals_head_then_loss(dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_head_fused_loss_equals_head_then_loss(dtype, monkeypatch):
     """head_loss(hidden, W, y) (training on GPUs: the head inside the loss, logits never whole) gives the loss and
     the gradients of lm_loss(hidden @ W^T, y), over several row chunks (the last partial) and with an incoming
-    gradient other than 1 (it is applied in backward)."""
+    gradient other than 1 (it is applied in backward). In float64 it accumulates in float64 (equal to 1e-12);
+    uninitialised memory is filled with NaN, so a row chunk left unwritten shows."""
     from rwkv7.train.loss import CHUNK_ROWS, head_loss
+
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
 
     n, C, V = 2 * CHUNK_ROWS + 7, 24, 40
     g = torch.Generator().manual_seed(3)
@@ -612,14 +615,20 @@ def test_head_fused_loss_equals_head_then_loss(dtype):
     weight0 = (0.5 * torch.randn(V, C, generator=g)).to(dtype)
     targets = torch.randint(0, V, (n,), generator=g)
     results = []
-    for fused in (False, True):
-        h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
-        loss = head_loss(h, w, targets) if fused else lm_loss(h @ w.t(), targets)
-        (2.5 * loss).backward()
-        results.append((float(loss), h.grad.float(), w.grad.float()))
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory: torch.empty gives NaN
+    try:
+        for fused in (False, True):
+            h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+            loss = head_loss(h, w, targets) if fused else lm_loss(h @ w.t(), targets)
+            (2.5 * loss).backward()
+            results.append((float(loss), h.grad.double(), w.grad.double()))
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     (l0, h0, w0), (l1, h1, w1) = results
-    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the per-chunk d(W) partials are rounded once each
-    assert l1 == pytest.approx(l0, rel=1e-6)
+    # bf16: the per-chunk d(W) partials are rounded once each
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert l1 == pytest.approx(l0, rel=1e-12 if dtype == torch.float64 else 1e-6)
     assert float((h1 - h0).norm() / h0.norm()) < tol
     assert float((w1 - w0).norm() / w0.norm()) < tol
     assert h1.abs().max() > 0 and w1.abs().max() > 0
