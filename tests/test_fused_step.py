@@ -132,3 +132,14 @@ def test_grad_cp_reruns_each_block_in_the_backward_only_when_training(grad_cp, t
     x, y = batch(256, 2, 16, "cpu")
     training_loss(model, x, y).backward()
     assert len(calls) == runs * len(model.blocks)
+
+
+def test_a_batch_gives_each_sequence_its_own_logits():
+    """Sequences of a batch do not mix: the logits of a batch of 3 are those of each sequence alone."""
+    model = make_model(n_layer=2, n_embd=64, grad_cp=False).eval()
+    x, _ = batch(256, 3, 16, "cpu")
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    assert together.shape == (3, 16, 256)
+    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-5)
