@@ -27,8 +27,7 @@ ZIP_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 
 
 
 def train_cmd(out, *extra):
-    return [sys.executable, str(ROOT / "entrypoint.py"), "train", "--recipe", "tiny", "--out", str(out), *SHORT,
-            *extra]
+    return tinyrun.train_cmd(out, "--no-check", *extra)
 
 
 def start(cmd, fresh_interpreter=False):
