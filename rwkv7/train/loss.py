@@ -110,6 +110,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reuse_logits: bool = Fa
 
 def head_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """lm_loss(hidden @ head_weight^T, targets) without materialising the logits; hidden [..., C]."""
+    if not torch.is_grad_enabled():  # the Function sees requires_grad, not grad mode: skip the gradient work
+        hidden, head_weight = hidden.detach(), head_weight.detach()
     return HeadCrossEntropyL2Wrap.apply(hidden.reshape(-1, hidden.size(-1)), head_weight, targets.reshape(-1))
 
 
