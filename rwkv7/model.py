@@ -100,7 +100,7 @@ class TimeMix(nn.Module):
 
 
 class ChannelMix(nn.Module):
-    def __init__(self, shape: ModelShape, layer_id: int):
+    def __init__(self, shape: ModelShape):
         super().__init__()
         C = shape.n_embd
         self.x_k = nn.Parameter(torch.empty(1, 1, C))
@@ -123,7 +123,7 @@ class Block(nn.Module):
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C)  # applied once, right after the embedding
         self.att = TimeMix(shape, layer_id)
-        self.ffn = ChannelMix(shape, layer_id)
+        self.ffn = ChannelMix(shape)
 
     def forward(self, x, v_first, state=None):
         if self.layer_id == 0:
@@ -156,7 +156,7 @@ def _keep_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _MATMUL_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def compiled_block(template: "Block", recompute: str | None, backend: str = "inductor"):
+def compiled_block(template: "Block", recompute: str | None, backend: str):
     """f(block, x, v_first) -> (x, v_first): `template`'s forward compiled as a function of the parameters, so one
     compiled graph serves every block of the template's kind (layer 0, which has ln0 and sets v_first, and the rest),
     whichever block's parameters are passed. recompute None: keep what the compiler's partitioner keeps; "full" or

@@ -681,6 +681,18 @@ def test_checkpoint_keys_order_shapes_and_dtype(tmp_path):
     assert sd["blocks.1.att.w1"].shape == (C, 32) and sd["blocks.1.att.w2"].shape == (32, C)
     assert sd["blocks.1.ffn.key.weight"].shape == (4 * C, C) and sd["blocks.1.ffn.value.weight"].shape == (C, 4 * C)
     assert sd["blocks.1.att.ln_x.weight"].shape == (C,)
+    # every key's shape, from the official model's definitions (C 128: LoRA ranks w, a, v 32 and g 64)
+    layer = {**{f"att.{k}": (1, 1, C) for k in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k",
+                                                 "k_a")},
+             "att.w1": (C, 32), "att.w2": (32, C), "att.a1": (C, 32), "att.a2": (32, C), "att.v1": (C, 32),
+             "att.v2": (32, C), "att.g1": (C, 64), "att.g2": (64, C), "att.r_k": (H, 64),
+             **{f"att.{k}.weight": (C, C) for k in ("receptance", "key", "value", "output")},
+             "att.ln_x.weight": (C,), "att.ln_x.bias": (C,), "ffn.x_k": (1, 1, C), "ffn.key.weight": (4 * C, C),
+             "ffn.value.weight": (C, 4 * C), **{f"ln{i}.{k}": (C,) for i in (1, 2) for k in ("weight", "bias")}}
+    want = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,), "ln_out.weight": (C,),
+            "ln_out.bias": (C,), "head.weight": (V, C),
+            **{f"blocks.{i}.{k}": s for i in (0, 1) for k, s in layer.items()}}
+    assert {k: tuple(v.shape) for k, v in sd.items()} == want
     # a checkpoint wrapped by Lightning/DeepSpeed ("_forward_module." prefix) loads the same
     torch.save({"_forward_module." + k: v for k, v in sd.items()}, tmp_path / "wrapped.pth")
     again = rwkv7.load_model(tmp_path / "wrapped.pth")

@@ -107,8 +107,7 @@ def test_the_wkv_recomputes_in_the_backward_only_in_checkpointed_compiled_blocks
     wkv_flags.clear()
     model.compile_blocks(recompute=recompute, backend="aot_eager")
     training_loss(model, x, y).backward()
-    assert wkv_flags[:2] == [flag, flag]
-    assert all(f is flag for f in wkv_flags)
+    assert wkv_flags == [flag, flag] * (2 if grad_cp else 1)  # a checkpointed block reruns its forward once
     assert all(block.att.wkv_recompute is False for block in model.blocks)  # the module's own blocks untouched
 
 
@@ -175,7 +174,18 @@ def test_the_checkpoint_policy_notice_is_dropped_and_nothing_else(fake_compile):
         logger.removeFilter(f)
 
 
-def test_a_block_is_compiled_from_a_copy_on_the_meta_device(fake_compile):
+def test_a_block_is_compiled_from_a_copy_on_the_meta_device(fake_compile, monkeypatch):
+    """The compiled function holds the block's structure only (its parameters come with each call): no copy of a
+    block's weights is kept beside the model."""
+    import torch.func
+
+    devices, real = [], torch.func.functional_call
+
+    def recording(module, params, args):
+        devices.extend(p.device.type for p in module.parameters())
+        return real(module, params, args)
+
+    monkeypatch.setattr(torch.func, "functional_call", recording)
     model = make_model(n_layer=2, n_embd=64)
     before = {n: p.clone() for n, p in model.named_parameters()}
     model.compile_blocks(recompute="full", backend="aot_eager")
@@ -183,3 +193,36 @@ def test_a_block_is_compiled_from_a_copy_on_the_meta_device(fake_compile):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert [n for n, _ in model.named_parameters()] == list(before)  # the wrappers are outside the module tree
     assert isinstance(model.blocks[0], Block)
+    x, y = batch(256, 1, 8, "cpu")
+    training_loss(model, x, y).backward()
+    assert devices and set(devices) == {"meta"}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_checkpointed_blocks_support_autograd_grad(fake_compile, compiled):
+    """grad_cp uses non-reentrant checkpointing, which (unlike the reentrant form) supports torch.autograd.grad as
+    well as backward(), and gives the gradients of the model without checkpointing."""
+    x, y = batch(256, 1, 8, "cpu")
+    plain = make_model(n_layer=2, n_embd=64, grad_cp=False)
+    names = [n for n, _ in plain.named_parameters() if not n.startswith("blocks.0.att.v")]
+    ref = torch.autograd.grad(training_loss(plain, x, y), [dict(plain.named_parameters())[n] for n in names])
+    model = make_model(n_layer=2, n_embd=64, grad_cp=True)
+    if compiled:
+        model.compile_blocks(recompute="full", backend="aot_eager")
+    got = torch.autograd.grad(training_loss(model, x, y), [dict(model.named_parameters())[n] for n in names])
+    for name, a, b in zip(names, got, ref):
+        assert torch.equal(a, b), name
+
+
+def test_checkpointing_is_off_unless_asked_for():
+    """A model built without grad_cp (generation, evaluation, tools) keeps its activations: each block runs once."""
+    from rwkv7.init import init_model
+    from rwkv7.model import ModelShape
+
+    model = init_model(RWKV7(ModelShape(2, 64, 256)), seed=1).train()
+    calls = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+    x, y = batch(256, 1, 8, "cpu")
+    training_loss(model, x, y).backward()
+    assert len(calls) == 2
