@@ -75,6 +75,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return sd
 
     def load_state_dict(self, sd):
+        sd = dict(sd)  # the caller's dict keeps its masters (it may be loaded again)
         masters = sd.pop("masters", None)
         super().load_state_dict(sd)
         if masters is not None:

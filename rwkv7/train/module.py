@@ -68,7 +68,7 @@ class RWKV7Module(pl.LightningModule):
         loss = training_loss(self.model, x, y)
         loss = self.faults.loss(self.run_step, loss)
         if self.check_now and not torch.isfinite(loss.detach()):
-            return self._bad_step(f"loss is {float(loss)}", loss)
+            return self._bad_step(f"loss is {float(loss.detach())}")
         return loss
 
     def _graphed_step(self, x, y):
@@ -82,7 +82,7 @@ class RWKV7Module(pl.LightningModule):
         self.optimizers().step()  # MasterWeightAdamW: copy, clip, AdamW on the fp32 masters, copy back
         return loss
 
-    def _bad_step(self, what: str, loss=None):
+    def _bad_step(self, what: str):
         self.bad_steps += 1
         limit = self.recipe.train.max_bad_steps
         if self.bad_steps > limit:
