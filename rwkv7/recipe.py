@@ -127,7 +127,9 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the numbers a run produces: not its length or saving, and not how the
-        global batch is split over GPUs and nodes (the sampler gives every step the same samples either way)."""
+        global batch is split over GPUs and nodes (the sampler gives every step the same samples either way). The
+        recipe's name and data folder count too, though a copy elsewhere may hold the same: resuming across them
+        takes --force-resume, a deliberate step rather than a silent mix of two runs."""
         d = self.to_dict()
         for k in ("epoch_count", "epoch_save", "keep_checkpoints", "num_workers", "max_bad_steps",
                   "dist_timeout_min", "micro_bsz", "devices", "num_nodes", "cuda_graph", "compile",
@@ -160,7 +162,7 @@ def _exact(name: str, value: Any, typ: type) -> Any:
         return float(value)
     if type(value) is typ:
         return value
-    hint = ": write it without quotes" if isinstance(value, str) else ""
+    hint = ": write it without quotes" if isinstance(value, str) and typ in (int, float, bool) else ""
     raise UserError(f"{name} must be a {typ.__name__}, got {value!r} (a {type(value).__name__}){hint}")
 
 
@@ -185,7 +187,13 @@ def _coerce(section: str, key: str, value: Any, typ: Any, exact: bool = False) -
             return int(value)
         elif isinstance(value, str):
             try:
-                return int(float(value)) if float(value).is_integer() else int(value)
+                return int(value)  # exact, however large (float() would round past 2^53)
+            except ValueError:
+                pass
+            try:
+                as_float = float(value)  # 1e9, 4.0
+                if as_float.is_integer():
+                    return int(as_float)
             except ValueError:
                 pass
     elif typ is float:
@@ -285,7 +293,7 @@ def _check_numbers(r: Recipe) -> None:
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"{name} must be a finite number, got {v}")
             if isinstance(v, int) and not isinstance(v, bool) and not -INT64 <= v < INT64:
-                raise UserError(f"{name} = {v} is out of range (at most {INT64 - 1})")
+                raise UserError(f"{name} = {v} is out of range (at least {-INT64}, at most {INT64 - 1})")
             if name in LIMITS and isinstance(v, int) and v > LIMITS[name]:
                 raise UserError(f"{name} = {v} is too large (at most {LIMITS[name]})")
     t, d = r.train, r.data
@@ -295,7 +303,8 @@ def _check_numbers(r: Recipe) -> None:
     cpus = os.cpu_count() or 1
     for name, n in (("train.cpu_threads", t.cpu_threads), ("train.num_workers", t.num_workers)):
         if n > max(4 * cpus, 64):  # far past this machine's cores: torch/OpenMP crash or the host stalls
-            raise UserError(f"{name} = {n} is far more than the {cpus} CPUs here: use at most {cpus}")
+            raise UserError(f"{name} = {n} is far more than the {cpus} CPUs here (more than {max(4 * cpus, 64)} "
+                            f"is refused): use at most {cpus}")
     if t.warmup_steps < 0 or d.val_tokens < 0 or d.synthetic_tokens < 0:
         raise UserError("train.warmup_steps, data.val_tokens and data.synthetic_tokens must be >= 0")
     if r.model.vocab_size < 2:
@@ -316,7 +325,7 @@ def validate_ranges(r: Recipe) -> None:
                 "model.head_size": m.head_size, "train.ctx_len": t.ctx_len, "train.micro_bsz": t.micro_bsz,
                 "train.devices": t.devices, "train.num_nodes": t.num_nodes, "train.epoch_save": t.epoch_save,
                 "train.lr_init": t.lr_init, "train.adam_eps": t.adam_eps, "train.keep_checkpoints": t.keep_checkpoints,
-                "train.dist_timeout_min": t.dist_timeout_min}
+                "train.dist_timeout_min": t.dist_timeout_min, "train.ds_bucket_mb": t.ds_bucket_mb}
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"{name} must be > 0, got {value}")
@@ -345,6 +354,8 @@ def validate_model(r: Recipe) -> None:
 
 def validate_train(r: Recipe) -> None:
     t = r.train
+    if t.grad_cp not in (0, 1):
+        raise UserError(f"train.grad_cp must be 0 (keep activations) or 1 (recompute them), got {t.grad_cp}")
     if t.lr_final > t.lr_init:
         raise UserError(f"train.lr_final ({t.lr_final}) must be <= train.lr_init ({t.lr_init})")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
