@@ -42,7 +42,7 @@ class CrossEntropyL2Wrap(torch.autograd.Function):
     reads afterwards."""
 
     @staticmethod
-    def forward(ctx, logits, targets, reuse_logits=False):
+    def forward(ctx, logits, targets, reuse_logits):
         n = logits.shape[0]
         lse = torch.empty(n, dtype=_acc_dtype(logits), device=logits.device)
         total = torch.zeros((), dtype=lse.dtype, device=logits.device)
