@@ -50,7 +50,7 @@ __all__ = [
 DEFAULT_TOLERANCE = 0.02  # absolute, per mini-epoch; recipes normally supply their own (docs/RECIPES.md)
 
 # `str(datetime.datetime.now())`: microseconds are omitted when they happen to be exactly 0
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?")  # ASCII digits only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _parse_epoch_line(stripped: str) -> EpochRecord | None:
     if len(parts) != 7:
         return None
     epoch_s, loss_s, ppl_s, lr_s, date_s, time_s, lep_s = parts
-    if not (epoch_s.isdigit() and lep_s.isdigit()):
+    if not (epoch_s.isascii() and epoch_s.isdigit() and lep_s.isascii() and lep_s.isdigit()):  # not "²" or "٣"
         return None
     timestamp = f"{date_s} {time_s}"
     if not _TIMESTAMP.fullmatch(timestamp):
@@ -217,7 +217,7 @@ class CheckResult:
 LossSeries = Union[Sequence[EpochRecord], Mapping[int, float]]
 
 
-def _as_losses(series: LossSeries, what: str) -> dict[int, float]:
+def _as_losses(series: LossSeries) -> dict[int, float]:
     if isinstance(series, Mapping):
         return {int(e): float(v) for e, v in series.items()}
     return {r.epoch: float(r.loss) for r in series}
@@ -238,8 +238,8 @@ def check_trajectory(actual: LossSeries, expected: LossSeries, tolerance: float,
     """
     _check_limits(tolerance, rel_tolerance, max_outliers, min_epochs)
     tolerance, rel_tolerance = float(tolerance), float(rel_tolerance)
-    act = _as_losses(actual, "actual")
-    exp = _as_losses(expected, "expected")
+    act = _as_losses(actual)
+    exp = _as_losses(expected)
     common = _common_epochs(act, exp, min_epochs)
     rows = []
     for e in common:
@@ -450,7 +450,8 @@ def run_check(log: str | os.PathLike, expected: str | os.PathLike, tolerance: fl
     print(format_table(result, delta_symbol), file=stream)
     json_path = os.path.join(out, "check.json")
     try:
-        atomic_write_bytes(json_path, result.to_json(log=os.path.abspath(log), expected=os.path.abspath(expected)).encode())
+        text = result.to_json(log=os.path.abspath(log), expected=os.path.abspath(expected))
+        atomic_write_bytes(json_path, text.encode())
     except OSError as e:
         raise UserError(f"cannot write {json_path}: {e.strerror or e}") from None
     if plot:
