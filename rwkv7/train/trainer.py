@@ -35,7 +35,6 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                   callbacks=callbacks, num_nodes=t.num_nodes, devices=t.devices)
     timeout = datetime.timedelta(minutes=t.dist_timeout_min)
-    several = t.gpus > 1
     if t.strategy.data_parallel:  # Lightning launches the ranks; rwkv7/train/data_parallel.py reduces and shards
         from rwkv7.train.data_parallel import lightning_strategy
 
@@ -45,18 +44,13 @@ def build_trainer(recipe: Recipe, callbacks: list, steps: int):
         from pytorch_lightning.strategies import DDPStrategy
 
         return pl.Trainer(accelerator="cpu", precision=32, gradient_clip_val=t.grad_clip or None,
-                          strategy=DDPStrategy(timeout=timeout) if several else None, **kwargs)
+                          strategy=DDPStrategy(timeout=timeout) if t.gpus > 1 else None, **kwargs)
     if t.strategy.master_weights:  # pure bf16 weights + fp32 masters in MasterWeightAdamW; no precision plugin
         return pl.Trainer(accelerator="gpu", precision=32, **kwargs)
+    # what is left on GPUs is DeepSpeed (a validated recipe's auto is single, ddp or deepspeed_stage_2 there)
+    assert t.strategy.uses_deepspeed, t.strategy
     # a hung or dead rank must end the job, not hang it: NCCL's watchdog aborts a collective after the timeout
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    strategy = None
-    if t.strategy.uses_deepspeed:
-        strategy = deepspeed_strategy(t, timeout)
-    elif several:
-        from pytorch_lightning.strategies import DDPStrategy
-
-        strategy = DDPStrategy(timeout=timeout)
     precision = "bf16" if t.precision == "bf16" else 32
-    return pl.Trainer(accelerator="gpu", strategy=strategy, precision=precision,
+    return pl.Trainer(accelerator="gpu", strategy=deepspeed_strategy(t, timeout), precision=precision,
                       gradient_clip_val=t.grad_clip or None, **kwargs)
