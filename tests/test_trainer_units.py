@@ -163,8 +163,9 @@ class FakeStrategy:
         return True
 
     def reduce(self, t, reduce_op):
-        self.calls.append(("reduce", t.dtype, t.device.type, t.tolist(), reduce_op))
-        return t * 0 + 2.5
+        value = t.tolist() if t.device.type != "meta" else None
+        self.calls.append(("reduce", t.dtype, t.device.type, value, reduce_op))
+        return torch.tensor([2.5], dtype=t.dtype)
 
 
 def fake_trainer(world):
@@ -183,3 +184,5 @@ def test_several_ranks_share_any_flag_and_average_in_float64():
     assert ranks.any_rank(t, False) is True  # another rank's flag
     assert ranks.mean_over_ranks(t, 0.1, "cpu") == 2.5
     assert t.strategy.calls == [("decision", False, False), ("reduce", torch.float64, "cpu", [0.1], "mean")]
+    ranks.mean_over_ranks(t, 0.1, "meta")  # the collective runs on the device given (NCCL needs CUDA tensors)
+    assert t.strategy.calls[-1] == ("reduce", torch.float64, "meta", None, "mean")
