@@ -6,13 +6,12 @@ import logging
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 import rwkv7.model as model_module
 from rwkv7.model import Block, RWKV7
 from rwkv7.train.loss import training_loss
-from tests.test_fused_step import batch, grads, make_model
+from tests.test_fused_step import CountOps, batch, grads, make_model
 
 
 class FakeCompile:
@@ -123,22 +122,12 @@ def test_evaluation_runs_the_eager_blocks(fake_compile, training, grad_enabled):
     assert torch.equal(logits, RWKV7.forward(make_model(n_layer=2, n_embd=64).train(training), x))
 
 
-class CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in model_module._MATMUL_OPS
-        return func(*args, **(kwargs or {}))
-
-
 def backward_matmuls(grad_cp, recompute):
     x, y = batch(256, 1, 8, "cpu")
     model = make_model(n_layer=2, n_embd=64, grad_cp=grad_cp)
     model.compile_blocks(recompute=recompute, backend="aot_eager")
     loss = training_loss(model, x, y)
-    with CountMatmuls() as counter:
+    with CountOps(model_module._MATMUL_OPS) as counter:
         loss.backward()
     return counter.count
 

@@ -8,6 +8,7 @@ relative error against the bf16 noise floor: the distance between the eager bf16
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rwkv7.init import init_model
 from rwkv7.model import ModelShape, RWKV7
@@ -27,6 +28,18 @@ def grads(model, loss_fn, x, y):
     loss = loss_fn(model, x, y)
     loss.backward()
     return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the calls of the given aten ops as they are dispatched (below autograd: what actually runs)."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops, self.count = frozenset(ops), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.ops
+        return func(*args, **(kwargs or {}))
 
 
 def worst_rel(a: dict, b: dict) -> float:

@@ -3,10 +3,11 @@ hand-computed values and the logits path: where it allocates, which gradients it
 on each device, and that the training path reuses the logits' memory."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rwkv7.train.loss import CHUNK_ROWS, head_loss, lm_loss, training_loss
-from tests.test_fused_step import batch, make_model
+from tests.test_fused_step import CountOps, batch, make_model
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default)
 
 N, C, V = CHUNK_ROWS + 9, 16, 24  # two row chunks, the last one partial
 
@@ -58,27 +59,17 @@ def test_head_loss_gives_each_input_the_gradient_asked_for(hidden_grad, weight_g
         assert torch.allclose(w.grad, want_w, rtol=1e-10, atol=1e-15)
 
 
-class CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default)
-        return func(*args, **(kwargs or {}))
-
-
 def test_head_loss_without_gradients_computes_only_the_logits():
     """Evaluation (no_grad, or inputs that need no gradient) runs one matmul per row chunk, no gradient work."""
     hidden, weight, targets = inputs()
     chunks = -(-N // CHUNK_ROWS)
-    with torch.no_grad(), CountMatmuls() as counter:
+    with torch.no_grad(), CountOps(MATMULS) as counter:
         loss = head_loss(hidden.requires_grad_(), weight.requires_grad_(), targets)
     assert counter.count == chunks
-    with CountMatmuls() as counter:
+    with CountOps(MATMULS) as counter:
         head_loss(hidden.detach(), weight.detach(), targets)
     assert counter.count == chunks
-    with CountMatmuls() as counter:
+    with CountOps(MATMULS) as counter:
         head_loss(hidden, weight, targets)
     assert counter.count == 3 * chunks  # logits, d(hidden), d(weight)
     assert torch.allclose(loss, reference(hidden.detach(), weight.detach(), targets)[0], rtol=1e-12)
