@@ -365,17 +365,16 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("dead_worker", [0, 1])
 def test_prepare_pool_workers_never_outlive_their_parent(dead_worker):
     """Was: after SIGTERM to the process group, now and then one tokenizer worker lived on, keeping the parent's
-    stdout open, so the caller of `prepare` waited forever. An idle pool's two workers wait on its task queue: one
-    holds the queue's lock and reads the pipe, the other waits for the lock. When the holder dies, the lock is never
-    released; when the parent dies too, the reader would see the pipe's end, but the waiter never gets that far.
-    Killing each worker in turn, then the parent (SIGKILL, no cleanup), leaves that waiter in one of the two cases."""
+    stdout open, so the caller of `prepare` waited forever (multiprocessing.Pool's workers shared a task queue
+    lock, and a waiter for a lock whose holder had died never saw the parent go). Killing one idle worker, then
+    the parent (SIGKILL, no cleanup), must leave no worker behind."""
     code = f"""if True:
         import os, signal, sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from rwkv7.data import prepare
-        pool = prepare.worker_pool(2)
-        time.sleep(1.0)  # both workers are waiting on the task queue
-        pids = [p.pid for p in pool._pool]
+        pool = prepare.WorkerPool(2, prepare.EncodeConfig())
+        time.sleep(1.0)  # both workers are waiting for a task
+        pids = [p.pid for p in pool.procs]
         print(" ".join(map(str, pids)), flush=True)
         os.kill(pids[{dead_worker}], signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

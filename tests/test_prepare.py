@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,8 @@ from rwkv7.data.binidx import open_binidx, write_binidx
 from rwkv7.data.magic import is_prime, magic_prime
 from rwkv7.data.tokenizer import EOD, WorldTokenizer, decode, get_tokenizer
 from rwkv7.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MIXED = [
     "Hello, world! The quick brown fox.",
@@ -313,3 +318,126 @@ def test_interrupt_leaves_no_partial_output(tmp_path, monkeypatch):
         prep.prepare([src], tmp_path / "o", workers=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
     assert signal.getsignal(signal.SIGINT) is before  # workers=1 runs in-process and leaves Ctrl-C alone
+
+
+# ------------------------------------------------------------------------- the worker processes: errors never hang
+
+def _prepare_in_child(tmp_path, body: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `body` (which calls prepare with 2 workers) in a fresh process: a hang is a failure after `timeout`
+    seconds, not a stuck test run. The process group is killed either way, so no worker is left behind."""
+    script = tmp_path / "child.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n{textwrap.dedent(body)}")
+    p = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"prepare did not return within {timeout} s")
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_error_path_stops_a_busy_worker_that_ignores_sigterm(tmp_path):
+    """Was (seen once in CI): the first task's bad line raised in the main process, and multiprocessing.Pool's
+    terminate() then waited forever for a worker. It stops workers with SIGTERM, and a worker that does not die
+    of it (here: SIGTERM blocked, and busy with a slow task) comes back for the next task and waits for the task
+    queue's lock, which terminate() holds. Stopping must not need the workers' cooperation."""
+    r = _prepare_in_child(tmp_path, f"""
+        import os, signal, time
+        from pathlib import Path
+        from rwkv7.data import prepare as prep
+        from rwkv7.errors import UserError
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})  # the workers inherit the mask
+        prep.CHUNK_BYTES = 64
+        real = prep.encode_task
+
+        def slow_second(cfg, task):
+            if task[2][0] > 1:  # every task but the first, whose bad line ends the run
+                time.sleep(2)
+            return real(cfg, task)
+
+        prep.encode_task = slow_second
+        Path("in.jsonl").write_text('{{"body": "no text key"}}\\n' + '{{"text": "fine"}}\\n' * 20)
+        try:
+            prep.prepare(["in.jsonl"], "out", workers=2, progress=False)
+        except UserError as e:
+            print("error:", e)
+        print(sorted(os.listdir(".")))
+        """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'line 1: no "text" key' in r.stdout
+    assert "['child.py', 'in.jsonl']" in r.stdout  # no output, no temp files
+
+
+def test_a_worker_killed_mid_task_is_an_error_not_a_hang(tmp_path):
+    """Was: a tokenizer worker killed from outside (the kernel's OOM killer) lost its task, and Pool's get() waited
+    for that result forever. Now the run stops with one line that names the worker, how it ended and the fix."""
+    r = _prepare_in_child(tmp_path, """
+        import os, signal
+        from pathlib import Path
+        from rwkv7.data import prepare as prep
+        from rwkv7.errors import UserError
+        prep.CHUNK_BYTES = 64
+        real = prep.encode_task
+
+        def poisoned(cfg, task):
+            if b"poison" in task[2][1]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(cfg, task)
+
+        prep.encode_task = poisoned
+        Path("in.jsonl").write_text('{"text": "fine"}\\n' * 20 + '{"text": "poison"}\\n' + '{"text": "ok"}\\n' * 20)
+        try:
+            prep.prepare(["in.jsonl"], "out", workers=2, progress=False)
+        except UserError as e:
+            print("error:", e)
+        print(sorted(os.listdir(".")))
+        """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "error: tokenizer worker" in r.stdout and "SIGKILL" in r.stdout and "--workers" in r.stdout, r.stdout
+    assert "['child.py', 'in.jsonl']" in r.stdout
+
+
+def test_workers_leave_by_themselves_after_the_last_task():
+    """Was (while writing WorkerPool): each worker held a copy of its own inbox's sending end, so it never saw the
+    end of its tasks and stop() waited for it forever. A worker that leaves by itself exits with 0; one that has to
+    be killed after STOP_SECONDS would show -9."""
+    pool = prep.WorkerPool(2, prep.EncodeConfig())
+    tasks = [("jsonl", 0, (1, json.dumps({"text": f"doc {i}"}).encode() + b"\n")) for i in range(5)]
+    for t in tasks:
+        pool.submit(t)
+    results = [pool.result() for _ in tasks]
+    pool.stop(now=False)
+    assert [p.exitcode for p in pool.procs] == [0, 0]
+    assert [decode(r[0]) for r in results] == [f"doc {i}" for i in range(5)]  # in task order
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("cannot pickle this")
+
+
+@pytest.mark.parametrize("error,raised,words", [
+    (ValueError("boom in the tokenizer"), ValueError, ["boom in the tokenizer"]),
+    (Unpicklable("odd"), RuntimeError, ["tokenizer worker failed", "Unpicklable", "odd"])])
+def test_a_task_that_fails_in_a_worker_raises_in_the_main_process(tmp_path, monkeypatch, error, raised, words):
+    src = write_jsonl(tmp_path / "a.jsonl", ["fine", "fails here", "fine again"])
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 16)
+    real = prep.encode_task
+
+    def failing(cfg, task):  # runs in the forked workers, which inherit this patch
+        if b"fails here" in task[2][1]:
+            raise error
+        return real(cfg, task)
+
+    monkeypatch.setattr(prep, "encode_task", failing)
+    with pytest.raises(raised) as e:
+        prep.prepare([src], tmp_path / "o", workers=2, progress=False)
+    assert all(w in str(e.value) for w in words), e.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]

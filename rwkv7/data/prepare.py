@@ -18,8 +18,10 @@ import array
 import json
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from rwkv7.fsutil import folder_problem
 from rwkv7.signals import add_cleanup, die_with_parent, on_interrupt, remove_cleanup, unlink_quietly
 
 CHUNK_BYTES = 4 << 20
+STOP_SECONDS = 30  # for a worker to leave after its last task
 SUFFIXES = (".jsonl", ".txt")
 
 
@@ -126,22 +129,11 @@ def _task_bytes(task) -> int:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    """What every tokenizing task needs besides its text (sent along with each task: no worker globals)."""
+    """What every tokenizing task needs besides its text (given to each worker when it starts)."""
 
     text_key: str = "text"
     skip_bad: bool = False
     backend: str | None = None
-
-
-def worker_pool(workers: int):
-    return _pool_context().Pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
-
-
-def _init_worker(parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    # a worker waiting for the task queue's lock, which a killed peer held, would otherwise wait forever once the
-    # main process is gone, holding its stdout open (tests/test_failures.py, pool workers never outlive)
-    die_with_parent(parent)
 
 
 def _jsonl_text(line: bytes, key: str) -> tuple[str | None, str | None]:
@@ -202,6 +194,124 @@ def encode_task(cfg: EncodeConfig, task):
         if errors and not cfg.skip_bad:
             break
     return np.frombuffer(flat, dtype=np.uint16), np.array(sizes, dtype=np.int64), errors, empty, _task_bytes(task)
+
+
+# -------------------------------------------------------------------------------------- the worker processes
+
+class WorkerPool:
+    """`workers` tokenizer processes, each with pipes of its own: task k goes to worker k % workers and the results
+    come back in task order.
+
+    Why not multiprocessing.Pool: its workers share one task queue and the queue's lock, and its terminate() stops
+    them with SIGTERM and then waits. A worker that did not die of SIGTERM came back for a task and waited for the
+    lock, which terminate() holds, so a bad line hung the run (seen in CI); and a worker killed mid-task (the OOM
+    killer) lost its result, for which get() waited forever. Here no lock is shared: stopping is SIGKILL and reap,
+    and a worker that dies is an error that names it."""
+
+    def __init__(self, workers: int, cfg: EncodeConfig):
+        ctx = _pool_context()
+        self.procs, self.inboxes, self.outboxes = [], [], []
+        self.sent = self.received = 0
+        for _ in range(workers):
+            inbox_r, inbox_w = ctx.Pipe(duplex=False)
+            outbox_r, outbox_w = ctx.Pipe(duplex=False)
+            # the main process's pipe ends, the new worker's and the others': the worker closes its copies, so that
+            # it sees its inbox end when the main process closes it or dies
+            inherited = [*self.inboxes, *self.outboxes, inbox_w, outbox_r]
+            proc = ctx.Process(target=_serve, args=(cfg, os.getpid(), inbox_r, outbox_w, inherited), daemon=True)
+            proc.start()
+            inbox_r.close()  # only the worker holds its ends: when it dies, this side sees EOF or a broken pipe
+            outbox_w.close()
+            self.procs.append(proc)
+            self.inboxes.append(inbox_w)
+            self.outboxes.append(outbox_r)
+
+    def submit(self, task) -> None:
+        """Send the next task. Never waits on the worker's progress: its reader thread takes tasks as they come."""
+        k = self.sent % len(self.procs)
+        try:
+            self.inboxes[k].send(task)
+        except OSError:  # BrokenPipeError: the worker is gone
+            raise self._died(k) from None
+        self.sent += 1
+
+    def result(self):
+        """The result of the oldest task not yet returned (its exception, re-raised, if it failed)."""
+        k = self.received % len(self.procs)
+        try:
+            ok, value = self.outboxes[k].recv()
+        except (EOFError, OSError):
+            raise self._died(k) from None
+        self.received += 1
+        if not ok:
+            raise value
+        return value
+
+    def _died(self, k: int) -> UserError:
+        proc = self.procs[k]
+        proc.join(5)
+        how = f"exit status {proc.exitcode}"
+        if proc.exitcode == -signal.SIGKILL:
+            how = "killed by SIGKILL, as the kernel's out-of-memory killer does"
+        elif proc.exitcode is not None and proc.exitcode < 0:
+            how = f"killed by signal {-proc.exitcode}"
+        return UserError(f"tokenizer worker {proc.pid} died ({how}): run again with fewer --workers, or on a "
+                         "machine with more memory")
+
+    def kill(self) -> None:
+        """SIGKILL every worker (safe in a signal handler: system calls only)."""
+        for proc in self.procs:
+            if proc.pid and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def stop(self, now: bool) -> None:
+        """End the workers and reap them: `now` kills them, otherwise they leave after their last task (every
+        result has been read by then, so one that does not leave within STOP_SECONDS is killed: nothing is lost)."""
+        if now:
+            self.kill()
+        for conn in self.inboxes:  # the worker's reader sees EOF and the worker leaves its loop
+            conn.close()
+        for proc in self.procs:
+            proc.join(None if now else STOP_SECONDS)
+        self.kill()
+        for proc in self.procs:
+            proc.join()
+        for conn in self.outboxes:
+            conn.close()
+
+
+def _serve(cfg: EncodeConfig, parent: int, inbox, outbox, inherited) -> None:
+    """A worker's life: a reader thread moves tasks from the pipe to a local queue (so the main process's send
+    never waits for this worker to finish a task while this worker waits to send it a result), and the main
+    thread encodes them in order and sends each result back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    die_with_parent(parent)  # a parent killed with SIGKILL takes its workers along
+    for conn in inherited:
+        conn.close()
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                tasks.put(inbox.recv())
+        except (EOFError, OSError):
+            tasks.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    for task in iter(tasks.get, None):
+        try:
+            reply = (True, encode_task(cfg, task))
+        except Exception as e:  # noqa: BLE001 - any failure goes to the main process, which re-raises it
+            reply = (False, e)
+        try:
+            outbox.send(reply)
+        except OSError:  # the main process is gone or stopped reading: nothing left to do
+            return
+        except Exception:  # noqa: BLE001 - the exception does not pickle: send what it says
+            outbox.send((False, RuntimeError(f"tokenizer worker failed: {reply[1]!r}")))
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -304,37 +414,30 @@ class _Collector:
 
 
 def _encode_all(tasks: Iterator[tuple], cfg: EncodeConfig, workers: int, collect) -> None:
-    """Tokenize every task (in a pool of `workers` processes when more than one) and hand the results to `collect`
-    in input order, with at most 2 x workers tasks in flight."""
+    """Tokenize every task (in a WorkerPool of `workers` processes when more than one) and hand the results to
+    `collect` in input order, with at most 2 x workers tasks in flight."""
     if workers == 1:
         for task in tasks:
             collect(task, encode_task(cfg, task))
         return
-    pool = worker_pool(workers)
-
-    def kill_workers():  # runs in the signal handler before the process exits (rwkv7.signals)
-        for proc in getattr(pool, "_pool", None) or []:
-            if proc.pid:
-                os.kill(proc.pid, signal.SIGKILL)
-
-    add_cleanup(kill_workers)
+    pool = WorkerPool(workers, cfg)
+    add_cleanup(pool.kill)  # a signal ends this process: the workers go first (rwkv7.signals)
     try:
         pending: deque = deque()
         for task in tasks:
-            pending.append((task, pool.apply_async(encode_task, (cfg, task))))
-            while len(pending) >= 2 * workers:
-                t, r = pending.popleft()
-                collect(t, r.get())
+            pool.submit(task)
+            pending.append(task)
+            if len(pending) >= 2 * workers:
+                collect(pending.popleft(), pool.result())
         while pending:
-            t, r = pending.popleft()
-            collect(t, r.get())
-        pool.close()
+            collect(pending.popleft(), pool.result())
     except BaseException:
-        pool.terminate()
+        pool.stop(now=True)
         raise
+    else:
+        pool.stop(now=False)
     finally:
-        pool.join()
-        remove_cleanup(kill_workers)
+        remove_cleanup(pool.kill)
 
 
 def _check_counts(res: PrepareResult, names: list[str], val_fraction: float) -> None:
