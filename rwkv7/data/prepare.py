@@ -204,12 +204,12 @@ class WorkerPool:
 
     Why not multiprocessing.Pool: its workers share one task queue and the queue's lock, and its terminate() stops
     them with SIGTERM and then waits. A worker that did not die of SIGTERM came back for a task and waited for the
-    lock, which terminate() holds, so a bad line hung the run (seen in CI); and a worker killed mid-task (the OOM
+    lock, which terminate() holds, so a bad line hung the run (seen once in CI); and a worker killed mid-task (the OOM
     killer) lost its result, for which get() waited forever. Here no lock is shared: stopping is SIGKILL and reap,
     and a worker that dies is an error that names it."""
 
     def __init__(self, workers: int, cfg: EncodeConfig):
-        ctx = _pool_context()
+        ctx = _process_context()
         self.procs, self.inboxes, self.outboxes = [], [], []
         self.sent = self.received = 0
         for _ in range(workers):
@@ -342,7 +342,7 @@ def _val_mask(first: int, n: int, fraction: float) -> np.ndarray:
     return np.floor((g + 1) * fraction) > np.floor(g * fraction)
 
 
-def _pool_context():
+def _process_context():
     methods = mp.get_all_start_methods()
     return mp.get_context("fork" if "fork" in methods and sys.platform.startswith("linux") else None)
 
