@@ -322,11 +322,31 @@ def test_interrupt_leaves_no_partial_output(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------- the worker processes: errors never hang
 
-def _prepare_in_child(tmp_path, body: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run `body` (which calls prepare with 2 workers) in a fresh process: a hang is a failure after `timeout`
-    seconds, not a stuck test run. The process group is killed either way, so no worker is left behind."""
+CHILD = """\
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from rwkv7.data import prepare as prep
+from rwkv7.errors import UserError
+prep.CHUNK_BYTES = 64  # one task every few lines
+real = prep.encode_task
+{setup}
+prep.encode_task = patched  # the forked workers inherit it
+Path("in.jsonl").write_text({text!r})
+try:
+    prep.prepare(["in.jsonl"], "out", workers=2, progress=False)
+except UserError as e:
+    print("error:", e)
+print(sorted(os.listdir(".")))
+"""
+
+
+def _prepare_in_child(tmp_path, setup: str, text: str, timeout: float = 60) -> str:
+    """prepare() with 2 workers on `text`, its encode_task replaced by the `patched` that `setup` defines, in a fresh
+    process: a hang fails after `timeout` seconds instead of stopping the test run, and the process group is killed
+    either way, so no worker is left behind. Returns the child's stdout: the error line and the folder's files."""
     script = tmp_path / "child.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n{textwrap.dedent(body)}")
+    script.write_text(CHILD.format(root=str(ROOT), setup=textwrap.dedent(setup), text=text))
     p = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     try:
@@ -340,7 +360,9 @@ def _prepare_in_child(tmp_path, body: str, timeout: float = 60) -> subprocess.Co
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    assert p.returncode == 0, err[-3000:]
+    assert "['child.py', 'in.jsonl']" in out, out  # no output, no temp files
+    return out
 
 
 def test_error_path_stops_a_busy_worker_that_ignores_sigterm(tmp_path):
@@ -348,60 +370,27 @@ def test_error_path_stops_a_busy_worker_that_ignores_sigterm(tmp_path):
     terminate() then waited forever for a worker. It stops workers with SIGTERM, and a worker that does not die
     of it (here: SIGTERM blocked, and busy with a slow task) comes back for the next task and waits for the task
     queue's lock, which terminate() holds. Stopping must not need the workers' cooperation."""
-    r = _prepare_in_child(tmp_path, f"""
-        import os, signal, time
-        from pathlib import Path
-        from rwkv7.data import prepare as prep
-        from rwkv7.errors import UserError
-        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})  # the workers inherit the mask
-        prep.CHUNK_BYTES = 64
-        real = prep.encode_task
+    out = _prepare_in_child(tmp_path, """
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the workers inherit the mask
 
-        def slow_second(cfg, task):
+        def patched(cfg, task):
             if task[2][0] > 1:  # every task but the first, whose bad line ends the run
                 time.sleep(2)
             return real(cfg, task)
-
-        prep.encode_task = slow_second
-        Path("in.jsonl").write_text('{{"body": "no text key"}}\\n' + '{{"text": "fine"}}\\n' * 20)
-        try:
-            prep.prepare(["in.jsonl"], "out", workers=2, progress=False)
-        except UserError as e:
-            print("error:", e)
-        print(sorted(os.listdir(".")))
-        """)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert 'line 1: no "text" key' in r.stdout
-    assert "['child.py', 'in.jsonl']" in r.stdout  # no output, no temp files
+        """, '{"body": "no text key"}\n' + '{"text": "fine"}\n' * 20)
+    assert 'error: in.jsonl, line 1: no "text" key' in out
 
 
 def test_a_worker_killed_mid_task_is_an_error_not_a_hang(tmp_path):
     """Was: a tokenizer worker killed from outside (the kernel's OOM killer) lost its task, and Pool's get() waited
     for that result forever. Now the run stops with one line that names the worker, how it ended and the fix."""
-    r = _prepare_in_child(tmp_path, """
-        import os, signal
-        from pathlib import Path
-        from rwkv7.data import prepare as prep
-        from rwkv7.errors import UserError
-        prep.CHUNK_BYTES = 64
-        real = prep.encode_task
-
-        def poisoned(cfg, task):
+    out = _prepare_in_child(tmp_path, """
+        def patched(cfg, task):
             if b"poison" in task[2][1]:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(cfg, task)
-
-        prep.encode_task = poisoned
-        Path("in.jsonl").write_text('{"text": "fine"}\\n' * 20 + '{"text": "poison"}\\n' + '{"text": "ok"}\\n' * 20)
-        try:
-            prep.prepare(["in.jsonl"], "out", workers=2, progress=False)
-        except UserError as e:
-            print("error:", e)
-        print(sorted(os.listdir(".")))
-        """)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "error: tokenizer worker" in r.stdout and "SIGKILL" in r.stdout and "--workers" in r.stdout, r.stdout
-    assert "['child.py', 'in.jsonl']" in r.stdout
+        """, '{"text": "fine"}\n' * 20 + '{"text": "poison"}\n' + '{"text": "ok"}\n' * 20)
+    assert "error: tokenizer worker" in out and "killed by SIGKILL" in out and "--workers" in out, out
 
 
 def test_workers_leave_by_themselves_after_the_last_task():
