@@ -204,9 +204,15 @@ class WorkerPool:
 
     Why not multiprocessing.Pool: its workers share one task queue and the queue's lock, and its terminate() stops
     them with SIGTERM and then waits. A worker that did not die of SIGTERM came back for a task and waited for the
-    lock, which terminate() holds, so a bad line hung the run (seen once in CI); and a worker killed mid-task (the OOM
-    killer) lost its result, for which get() waited forever. Here no lock is shared: stopping is SIGKILL and reap,
-    and a worker that dies is an error that names it."""
+    lock, which terminate() holds, so a bad line hung the run (seen once in CI); and a worker killed mid-task (the
+    OOM killer) lost its result, for which get() waited forever. Here no lock is shared: stopping is SIGKILL and
+    reap, and a worker that dies is an error that names it.
+
+    Each worker has a sending thread here (started after the forks: a fork copies no thread). A task is larger than
+    a pipe holds, so sending waits until the worker reads it: in a thread of its own, that wait holds up neither the
+    main thread, which reads the results, nor the other workers. (The worker itself stays single-threaded: a reader
+    thread there would need the GIL for every 64 KB of a task while the tokenizer holds it: about a quarter of the
+    throughput lost, docs/PERFORMANCE.md section 4.)"""
 
     def __init__(self, workers: int, cfg: EncodeConfig):
         ctx = _process_context()
@@ -225,14 +231,15 @@ class WorkerPool:
             self.procs.append(proc)
             self.inboxes.append(inbox_w)
             self.outboxes.append(outbox_r)
+        self.feeds = [queue.SimpleQueue() for _ in range(workers)]
+        self.senders = [threading.Thread(target=_send_all, args=(feed, conn), daemon=True)
+                        for feed, conn in zip(self.feeds, self.inboxes)]
+        for t in self.senders:
+            t.start()
 
     def submit(self, task) -> None:
-        """Send the next task. Never waits on the worker's progress: its reader thread takes tasks as they come."""
-        k = self.sent % len(self.procs)
-        try:
-            self.inboxes[k].send(task)
-        except OSError:  # BrokenPipeError: the worker is gone
-            raise self._died(k) from None
+        """Queue the next task for its worker's sending thread (never waits)."""
+        self.feeds[self.sent % len(self.procs)].put(task)
         self.sent += 1
 
     def result(self):
@@ -271,9 +278,11 @@ class WorkerPool:
         """End the workers and reap them: `now` kills them, otherwise they leave after their last task (every
         result has been read by then, so one that does not leave within STOP_SECONDS is killed: nothing is lost)."""
         if now:
-            self.kill()
-        for conn in self.inboxes:  # the worker's reader sees EOF and the worker leaves its loop
-            conn.close()
+            self.kill()  # a sender waiting on a killed worker's pipe gets a broken pipe and ends
+        for feed in self.feeds:
+            feed.put(None)  # each sender closes its pipe: the worker sees the end and leaves its loop
+        for t in self.senders:
+            t.join()
         for proc in self.procs:
             proc.join(None if now else STOP_SECONDS)
         self.kill()
@@ -283,25 +292,29 @@ class WorkerPool:
             conn.close()
 
 
+def _send_all(feed: queue.SimpleQueue, conn) -> None:
+    """A sending thread: each task of `feed` to one worker, until None; then close the pipe. A dead worker (broken
+    pipe) ends it early; the main thread learns of the death from the worker's results pipe."""
+    try:
+        for task in iter(feed.get, None):
+            conn.send(task)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 def _serve(cfg: EncodeConfig, parent: int, inbox, outbox, inherited) -> None:
-    """A worker's life: a reader thread moves tasks from the pipe to a local queue (so the main process's send
-    never waits for this worker to finish a task while this worker waits to send it a result), and the main
-    thread encodes them in order and sends each result back."""
+    """A worker's life: encode each task from `inbox`, in order, and send each result (or the exception) back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     die_with_parent(parent)  # a parent killed with SIGKILL takes its workers along
     for conn in inherited:
         conn.close()
-    tasks: queue.SimpleQueue = queue.SimpleQueue()
-
-    def read() -> None:
+    while True:
         try:
-            while True:
-                tasks.put(inbox.recv())
-        except (EOFError, OSError):
-            tasks.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    for task in iter(tasks.get, None):
+            task = inbox.recv()
+        except (EOFError, OSError):  # the main process closed the pipe (or is gone): no more tasks
+            return
         try:
             reply = (True, encode_task(cfg, task))
         except Exception as e:  # noqa: BLE001 - any failure goes to the main process, which re-raises it
