@@ -500,18 +500,25 @@ def test_a_bf16_checkpoint_restores_the_fp32_masters_not_the_rounded_weights():
     assert_same_state(opt.state_dict(), sd, exact=True)  # the masters: as saved
 
 
+def steps_side_by_side(ref, ref_opt, model, opt, batches_, first=0, mine=slice(None)):
+    """One step of the reference on each whole batch and of the sharded optimizer on this rank's rows of it (`mine`),
+    at the same learning rate; yields the step after each for the caller's checks."""
+    for step, (x, y) in enumerate(batches_, start=first):
+        set_lr(ref_opt, step)
+        set_lr(opt, step)
+        ref_step(ref, ref_opt, x, y)
+        opt.zero_grad()
+        training_loss(model, x[mine], y[mine]).backward()
+        opt.step()
+        yield step
+
+
 def test_one_rank_trains_the_model_as_master_weight_adamw():
     ref, model = tiny_model(), tiny_model()
     ref_opt, opt = reference(ref), sharded(model)
     assert (opt.world, opt.rank, opt.flat.shard_len) == (1, 0, SHARD_LEN[1])
     assert_same_state(opt.state_dict(), ref_opt.state_dict(), exact=True)
-    for step, (x, y) in enumerate(batches(3, ROWS)):
-        set_lr(ref_opt, step)
-        set_lr(opt, step)
-        ref_step(ref, ref_opt, x, y)
-        opt.zero_grad()
-        training_loss(model, x, y).backward()
-        opt.step()
+    for _ in steps_side_by_side(ref, ref_opt, model, opt, batches(3, ROWS)):
         assert float(opt.last_grad_norm) == float(ref_opt.last_grad_norm) > CLIP
         assert_same_params(ref, model, exact=True)
     with default_dtype(torch.float64):
@@ -532,13 +539,7 @@ def test_one_rank_loads_master_weight_adamw_state_and_continues_with_it():
     opt.load_state_dict(sd)
     assert_same_params(ref, model, exact=True)
     assert_same_state(opt.state_dict(), sd, exact=True)
-    for step, (x, y) in enumerate(batches(2, ROWS, seed=1), start=2):
-        set_lr(ref_opt, step)
-        set_lr(opt, step)
-        ref_step(ref, ref_opt, x, y)
-        opt.zero_grad()
-        training_loss(model, x, y).backward()
-        opt.step()
+    for _ in steps_side_by_side(ref, ref_opt, model, opt, batches(2, ROWS, seed=1), first=2):
         assert_same_params(ref, model, exact=True)
     assert_same_tensors(sd, kept)  # the caller's dict is not the optimizer's state
 
@@ -593,13 +594,7 @@ def _train_and_save(rank, world, path, steps):
     assert (opt.world, opt.rank) == (world, rank) and opt.grad_factor == 1 / world
     assert (opt.flat.shard_len, opt.flat.lo, opt.flat.hi) == (S, rank * S, (rank + 1) * S)
     mine = slice(rank * ROWS, (rank + 1) * ROWS)
-    for step, (x, y) in enumerate(batches(steps, world * ROWS)):
-        set_lr(ref_opt, step)
-        set_lr(opt, step)
-        ref_step(ref, ref_opt, x, y)
-        opt.zero_grad()
-        training_loss(model, x[mine], y[mine]).backward()
-        opt.step()
+    for step in steps_side_by_side(ref, ref_opt, model, opt, batches(steps, world * ROWS), mine=mine):
         assert torch.allclose(opt.last_grad_norm, ref_opt.last_grad_norm, rtol=1e-5), (
             step, opt.last_grad_norm, ref_opt.last_grad_norm)
         assert_same_params(ref, model)
@@ -620,13 +615,7 @@ def _load_and_continue(rank, world, path):
     opt.load_state_dict(sd)
     assert_same_params(ref, model, exact=True)
     mine = slice(rank * ROWS, (rank + 1) * ROWS)
-    for step, (x, y) in enumerate(batches(2, world * ROWS, seed=7), start=2):
-        set_lr(ref_opt, step)
-        set_lr(opt, step)
-        ref_step(ref, ref_opt, x, y)
-        opt.zero_grad()
-        training_loss(model, x[mine], y[mine]).backward()
-        opt.step()
+    for _ in steps_side_by_side(ref, ref_opt, model, opt, batches(2, world * ROWS, seed=7), first=2, mine=mine):
         assert_same_params(ref, model)
     got = opt.state_dict()
     assert_same_tensors(sd, torch.load(path))  # loading copied what it keeps
