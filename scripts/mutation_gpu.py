@@ -42,7 +42,9 @@ def make(module: str, dest: Path) -> int:
     # a test that skips on this CPU: mutmut writes the mutants, then stops (no test covers them here)
     write_config(scratch, [module], ["tests/test_train_gpu.py"], None)
     env = {**os.environ, "PYTHONPATH": "", "WANDB_MODE": "disabled"}
-    subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=scratch, env=env, capture_output=True)
+    with open(scratch / "mutmut-run.log", "w") as log:  # named in the error below if no mutant was made
+        subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=scratch, env=env, stdout=log,
+                       stderr=subprocess.STDOUT)
     original = (scratch / module).read_text()
     names = [name for name, _ in results(scratch)]
     if not names:
